@@ -1,0 +1,34 @@
+# One command each, on a fresh machine with only Python 3.10+: make lab | make demo | make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+
+.PHONY: lab demo test lint lessons clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[lessons,dev]'
+	@touch $@
+
+lab: $(STAMP)  ## open the lessons in JupyterLab
+	$(BIN)/jupyter lab --notebook-dir=lessons $(ROOT_FLAG) lessons/00_welcome.ipynb
+
+demo: $(STAMP)  ## the main job, from the terminal
+	$(BIN)/python -m minidist demo
+
+test: $(STAMP) lint  ## every test, the lessons included
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:randomly lessons/
+
+lint: $(STAMP)
+	$(BIN)/ruff check minidist tests
+
+lessons: $(STAMP)  ## re-execute every lesson in place (commit them executed)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace lessons/*.ipynb
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,3 @@
+from minidist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""One entry point for every strategy: train(model_fn, X, y, strategy=...) -> History.
+
+Every step t uses the same global batch (data.step_batches with `seed`), whatever the strategy
+and worker count, so each synchronous strategy can be checked against strategy="single".
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minidist import data, optim
+
+STRATEGIES = ("single",)
+
+
+@dataclass
+class History:
+    """What a training run leaves behind: final parameters and per-step measurements."""
+
+    strategy: str
+    workers: int
+    model_fn: object
+    params: np.ndarray
+    loss: np.ndarray
+    step_time: np.ndarray
+    compute_time: np.ndarray
+    comm_time: np.ndarray
+    bytes_sent: list = field(default_factory=list)  # per rank, in total
+
+    def model(self):
+        """A fresh model holding the final parameters."""
+        model = self.model_fn()
+        model.params = self.params
+        return model
+
+    def accuracy(self, X, y):
+        """Fraction of correct class predictions of the final model."""
+        return self.model().accuracy(X, y)
+
+    def plot(self, ax=None, label=None):
+        """The loss curve, on `ax` or a new figure; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.loss, label=label or f"{self.strategy} ({self.workers} workers)")
+        ax.set(xlabel="step", ylabel="training loss (batch mean)")
+        ax.legend()
+        return ax
+
+
+def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps=100,
+          batch_size=64, lr=0.1, optimizer="sgd", seed=0, optimizer_options=None,
+          progress=False, **strategy_options):
+    """Train model_fn() on (X, y) for `steps` steps of `batch_size` samples with `strategy`.
+
+    lr is a number or a schedule (minidist.optim.linear_warmup); optimizer_options go to the
+    optimizer (momentum, weight_decay for "sgd"; betas, eps for "adam").
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if strategy == "single" and workers != 1:
+        raise ValueError(f"strategy='single' runs one process; workers must be 1, got {workers}")
+    if batch_size < workers:
+        raise ValueError(f"batch_size={batch_size} is smaller than workers={workers}: "
+                         "every worker needs at least one sample")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    if strategy_options:
+        raise ValueError(f"strategy {strategy!r} takes no options, got {sorted(strategy_options)}")
+
+    model = model_fn()
+    opt = optim.make(optimizer, model.params, lr, **(optimizer_options or {}))
+    batches = data.step_batches(len(X), batch_size, steps, seed)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=steps, desc=strategy, leave=False)
+    loss, step_time = np.zeros(steps), np.zeros(steps)
+    for t, idx in enumerate(batches):
+        start = time.perf_counter()
+        loss[t] = model.loss_and_grad(X[idx], y[idx])
+        if not np.isfinite(loss[t]):
+            raise ValueError(f"the loss became {loss[t]} at step {t} (lr={opt.lr}); "
+                             "training diverged: try a smaller learning rate")
+        opt.step(model.grads)
+        step_time[t] = time.perf_counter() - start
+    return History(strategy=strategy, workers=workers, model_fn=model_fn,
+                   params=model.params.copy(), loss=loss, step_time=step_time,
+                   compute_time=step_time.copy(), comm_time=np.zeros(steps), bytes_sent=[0])
