@@ -80,7 +80,7 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=steps, desc=strategy, leave=False)
+        batches = tqdm(batches, total=steps, desc=strategy, leave=False, disable=None)
     loss, step_time = np.zeros(steps), np.zeros(steps)
     for t, idx in enumerate(batches):
         start = time.perf_counter()

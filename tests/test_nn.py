@@ -52,7 +52,10 @@ def test_softmax_cross_entropy_gradient(n, k, seed, scale):
     assert loss == pytest.approx(ref, rel=1e-12, abs=1e-12)
     analytic = loss_fn.backward()
     numeric = numerical_gradient(lambda x: loss_fn.forward(x, labels), logits.copy())
-    assert relative_error(analytic, numeric) < 1e-6
+    # relative error (max-norm), its scale floored at 1e-3: a saturated softmax leaves gradients
+    # below what finite differences resolve (loss rounding / ε ≈ 1e-9)
+    scale = max(np.max(np.abs(numeric)), 1e-3)
+    assert np.max(np.abs(analytic - numeric)) / scale < 1e-6
 
 
 def test_cross_entropy_is_stable_for_huge_logits():
