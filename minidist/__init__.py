@@ -1,7 +1,12 @@
 """minidist: distributed training of large models, from scratch, taught by running code."""
 
 from minidist import data, exercises, gradcheck, kernels, nn, optim
+from minidist.errors import CollectiveMismatchError, CommTimeout, WorkerError
+from minidist.launch import run
 from minidist.train import History, train
 
 __version__ = "0.1.0"
-__all__ = ["History", "data", "exercises", "gradcheck", "kernels", "nn", "optim", "train"]
+__all__ = [
+    "CollectiveMismatchError", "CommTimeout", "History", "WorkerError", "data", "exercises",
+    "gradcheck", "kernels", "nn", "optim", "run", "train",
+]

@@ -1,0 +1,271 @@
+"""The Communicator: rank, world size, point-to-point messages and the collectives.
+
+A backend (thread, process, mpi) supplies only the transport, `_transport_send` and
+`_transport_recv`, and may add native fast paths (`_native_all_reduce`, ...). Every collective
+is written once, over `send` and `recv`, in `collectives.py`.
+
+Message semantics: `send` never waits for the receiver (the message is buffered, and the array
+may be reused at once); `recv` waits at most `timeout` seconds. Messages between two ranks with
+the same tag arrive in the order they were sent.
+"""
+
+import functools
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from minidist.comm import collectives
+from minidist.comm.stats import Stats
+from minidist.errors import CollectiveMismatchError, CommTimeout
+
+TAG_LIMIT = 2**30  # user tags lie in [0, TAG_LIMIT)
+COLLECTIVE_TAG = TAG_LIMIT  # + the collective's sequence number mod 2^16
+FINGERPRINT_TAG = TAG_LIMIT + 2**20
+REDUCE_OPS = ("sum", "mean", "max", "min")
+ALGORITHMS = ("naive", "tree", "ring", "recursive_doubling", "native", "auto")
+
+
+def check_buffer(array, what):
+    """A collective's buffer must be a C-contiguous numeric numpy array."""
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{what} needs a numpy array, got {type(array).__name__}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{what} needs a C-contiguous array, got one with strides "
+                         f"{array.strides}; pass np.ascontiguousarray(x)")
+    if array.dtype.kind not in "biufc":
+        raise ValueError(f"{what} needs a numeric dtype, got {array.dtype}")
+    return array
+
+
+class Communicator:
+    """One rank's view of a group of `world_size` ranks."""
+
+    backend = "base"
+
+    def __init__(self, rank, world_size, timeout=60.0, debug=False, context=0):
+        if not isinstance(world_size, (int, np.integer)) or world_size < 1:
+            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size}), got {rank!r}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.timeout, self.debug, self.context = timeout, debug, context
+        self.stats = Stats()
+        self._op = None  # the collective in progress, if any
+        self._seq = 0  # collectives called so far
+        self._splits = 0
+
+    def __repr__(self):
+        return f"<{type(self).__name__} rank {self.rank} of {self.world_size}>"
+
+    # ---- what a backend supplies -------------------------------------------------------------
+    def _transport_send(self, array, dst, tag):
+        raise NotImplementedError
+
+    def _transport_recv(self, src, tag, timeout):
+        raise NotImplementedError
+
+    def _set_status(self, text):
+        """Record what this rank is doing, so a timeout can say where each rank was stuck."""
+
+    # ---- point to point ----------------------------------------------------------------------
+    def send(self, array, dst, tag=0):
+        """Send `array` to rank `dst`; returns without waiting for the receiver."""
+        array = self._check_message(array, dst, tag, "dst")
+        wire = self._wire_tag(tag)
+        op = self.stats[self._op or "send"]
+        op.bytes_sent += array.nbytes
+        op.messages += 1
+        self._set_status(f"{self._op or 'send'}: send to rank {dst}")
+        self._transport_send(array, dst, wire)
+
+    def recv(self, src, tag=0, timeout=None):
+        """Receive the next array from rank `src` with `tag`, waiting at most `timeout` s."""
+        self._check_message(None, src, tag, "src")
+        self._set_status(f"{self._op or 'recv'}: recv from rank {src}")
+        timeout = self.timeout if timeout is None else timeout
+        array = self._transport_recv(src, self._wire_tag(tag), timeout)
+        self.stats[self._op or "recv"].bytes_received += array.nbytes
+        return array
+
+    def _check_message(self, array, peer, tag, name):
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.world_size:
+            raise ValueError(f"{name} must be a rank in [0, {self.world_size}), got {peer!r}")
+        if peer == self.rank:
+            raise ValueError(f"rank {self.rank} cannot send to or receive from itself")
+        if not isinstance(tag, (int, np.integer)) or not 0 <= tag < TAG_LIMIT:
+            raise ValueError(f"tag must be an integer in [0, 2**30), got {tag!r}")
+        return None if array is None else check_buffer(array, "send")
+
+    def _wire_tag(self, tag):
+        """Inside a collective, every message carries the collective's own tag."""
+        if self._op is not None:
+            tag = COLLECTIVE_TAG + self._seq % 2**16
+        return (self.context << 32) | tag
+
+    # ---- collectives -------------------------------------------------------------------------
+    @contextmanager
+    def _collective(self, name, array=None, **details):
+        """Count, time and (in debug mode) fingerprint one collective call."""
+        if self._op is not None:  # a collective built from others counts as one
+            yield
+            return
+        self._seq += 1
+        if self.debug:
+            self._check_fingerprint(name, array, details)
+        start = time.perf_counter()
+        self._op = name
+        self.stats[name].calls += 1
+        try:
+            yield
+        finally:  # on an error the status keeps saying where this rank was
+            self._op = None
+            self.stats[name].seconds += time.perf_counter() - start
+        self._set_status("idle")
+
+    def _check_fingerprint(self, op, array, details):
+        """Debug mode: compare (sequence number, op, shape, dtype, root) across ranks first."""
+        shape = None if array is None else (str(array.dtype), array.shape)
+        mine = f"collective #{self._seq} {op} {shape} {details}"
+        wire = (self.context << 32) | FINGERPRINT_TAG
+        encode = lambda text: np.frombuffer(text.encode(), dtype=np.uint8)  # noqa: E731
+        self._set_status(f"{op} (debug fingerprint)")
+        if self.rank == 0:
+            prints = [mine] + [bytes(self._transport_recv(r, wire, self.timeout)).decode()
+                               for r in range(1, self.world_size)]
+            verdict = "" if len(set(prints)) == 1 else "\n".join(
+                f"  rank {r}: {p}" for r, p in enumerate(prints))
+            for r in range(1, self.world_size):
+                self._transport_send(encode(verdict), r, wire)
+        else:
+            self._transport_send(encode(mine), 0, wire)
+            verdict = bytes(self._transport_recv(0, wire, self.timeout)).decode()
+        if verdict:
+            raise CollectiveMismatchError(f"ranks disagree on a collective call:\n{verdict}")
+
+    def _algorithm(self, name, algorithm, allowed, default):
+        """The function that runs `name` with `algorithm`; "auto" prefers the native one."""
+        if algorithm not in allowed:
+            raise ValueError(f"unknown algorithm {algorithm!r} for {name}; "
+                             f"allowed: {', '.join(allowed)}")
+        native = getattr(self, f"_native_{name}", None)
+        if algorithm == "native" and native is None:
+            raise ValueError(f"{self!r} ({self.backend} backend) has no native {name}")
+        if algorithm in ("native", "auto") and native is not None:
+            return native
+        written = getattr(collectives, f"{name}_{default if algorithm == 'auto' else algorithm}")
+        return functools.partial(written, self)
+
+    @staticmethod
+    def _check_op(op, array):
+        if op not in REDUCE_OPS:
+            raise ValueError(f"unknown op {op!r}; allowed: {', '.join(REDUCE_OPS)}")
+        if op == "mean" and array.dtype.kind not in "fc":
+            raise ValueError(f"op='mean' needs a float array, got {array.dtype}")
+
+    def broadcast(self, array, src=0, algorithm="auto"):
+        """Copy rank src's array into every rank's `array` (in place); returns it."""
+        check_buffer(array, "broadcast")
+        self._check_root(src, "src")
+        run = self._algorithm("broadcast", algorithm, ("tree", "native", "auto"), "tree")
+        with self._collective("broadcast", array, src=src):
+            run(array, src)
+        return array
+
+    def reduce(self, array, dst=0, op="sum"):
+        """Rank dst's `array` becomes the elementwise op over all ranks' arrays (in place)."""
+        check_buffer(array, "reduce")
+        self._check_root(dst, "dst")
+        self._check_op(op, array)
+        with self._collective("reduce", array, dst=dst, op=op):
+            collectives.reduce_tree(self, array, dst, op)
+        return array
+
+    def all_reduce(self, array, op="sum", algorithm="auto"):
+        """Every rank's `array` becomes the elementwise op over all ranks' arrays (in place)."""
+        check_buffer(array, "all_reduce")
+        self._check_op(op, array)
+        run = self._algorithm("all_reduce", algorithm, ALGORITHMS, "ring")
+        with self._collective("all_reduce", array, op=op):
+            run(array, op)
+        return array
+
+    def all_gather(self, array, algorithm="auto"):
+        """Returns every rank's array stacked by rank: shape (world_size, *array.shape)."""
+        check_buffer(array, "all_gather")
+        run = self._algorithm("all_gather", algorithm, ("ring", "native", "auto"), "ring")
+        with self._collective("all_gather", array):
+            return run(array)
+
+    def reduce_scatter(self, array, op="sum"):
+        """Reduce over ranks, then return this rank's chunk of rows (axis 0 split as in
+        data.shard: the first len(array) mod p ranks get one row more)."""
+        check_buffer(array, "reduce_scatter")
+        self._check_op(op, array)
+        if array.ndim == 0:
+            raise ValueError("reduce_scatter needs an array with at least one axis to split")
+        with self._collective("reduce_scatter", array, op=op):
+            return collectives.reduce_scatter_ring(self, array, op)
+
+    def gather(self, array, dst=0):
+        """Rank dst gets every rank's array stacked by rank; other ranks get None."""
+        check_buffer(array, "gather")
+        self._check_root(dst, "dst")
+        with self._collective("gather", array, dst=dst):
+            return collectives.gather(self, array, dst)
+
+    def scatter(self, array=None, src=0):
+        """Rank src passes an array of shape (world_size, ...); every rank gets its row."""
+        self._check_root(src, "src")
+        if self.rank == src:
+            check_buffer(array, "scatter")
+            if array.ndim == 0 or array.shape[0] != self.world_size:
+                raise ValueError(f"scatter: rank {src} must pass an array with a leading axis of "
+                                 f"world_size={self.world_size}, got shape {array.shape}")
+        with self._collective("scatter", None, src=src):
+            return collectives.scatter(self, array, src)
+
+    def barrier(self):
+        """Return only when every rank has called barrier."""
+        with self._collective("barrier"):
+            collectives.barrier(self)
+
+    def split(self, color, key=None):
+        """Ranks that pass the same color form a new communicator, ordered by (key, rank)."""
+        if not isinstance(color, (int, np.integer)) or color < 0:
+            raise ValueError(f"color must be an integer >= 0, got {color!r}")
+        key = self.rank if key is None else key
+        table = self.all_gather(np.array([color, key, self.rank], dtype=np.int64), "ring")
+        members = [int(r) for c, k, r in sorted(table.tolist(), key=lambda t: (t[1], t[2]))
+                   if c == color]
+        self._splits += 1
+        context = (self.context * 1_000_003 + self._splits) % 2**31
+        return SubCommunicator(self, members, context)
+
+    def _check_root(self, root, name):
+        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.world_size:
+            raise ValueError(f"{name} must be a rank in [0, {self.world_size}), got {root!r}")
+
+
+class SubCommunicator(Communicator):
+    """A group of the parent's ranks, renumbered 0..len(members)-1, with its own message space."""
+
+    def __init__(self, parent, members, context):
+        super().__init__(members.index(parent.rank), len(members), parent.timeout, parent.debug,
+                         context)
+        self.parent, self.members = parent, members
+        self.backend = parent.backend
+
+    def _transport_send(self, array, dst, tag):
+        self.parent._transport_send(array, self.members[dst], tag)
+
+    def _transport_recv(self, src, tag, timeout):
+        return self.parent._transport_recv(self.members[src], tag, timeout)
+
+    def _set_status(self, text):
+        self.parent._set_status(f"[group {self.members}] {text}")
+
+
+def deadline_error(what, timeout):
+    """The CommTimeout a rank raises when one of its own receives waits too long."""
+    return CommTimeout(f"{what}: nothing arrived within {timeout} s")

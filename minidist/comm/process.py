@@ -1,0 +1,301 @@
+"""The process backend: one OS process per rank, messages through shared-memory rings.
+
+`send` copies the message into the ring to the destination when it fits, and otherwise hands a
+private copy to a feeder thread that streams it in as the receiver makes room; either way it
+returns at once. `recv` copies bytes out of the ring from the source, sleeping on a semaphore
+while the ring is empty. The native all-reduce skips messages altogether: every rank reduces its
+chunk straight out of the other ranks' shared buffers.
+"""
+
+import os
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+
+from minidist.comm import shm
+from minidist.comm.collectives import UFUNCS
+from minidist.comm.communicator import Communicator, deadline_error
+from minidist.data import shard_bounds
+from minidist.errors import CollectiveMismatchError
+
+
+def attach(name, create=False, size=0):
+    """Open a shared-memory segment without registering it with Python's resource tracker.
+
+    The ranks share one tracker, which keeps a set of names: two ranks mapping one segment
+    would unbalance it. The launcher, which outlives every rank, unlinks all of a run's
+    segments itself, even after a rank was killed.
+    """
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, create=create, size=size, track=False)
+    register, resource_tracker.register = resource_tracker.register, lambda *args: None
+    try:
+        return SharedMemory(name=name, create=create, size=size)
+    finally:
+        resource_tracker.register = register
+
+
+class Outbox:
+    """This rank's sending end of one ring, with a feeder thread for messages that do not fit."""
+
+    def __init__(self, ring, doorbell, space, timeout):
+        self.ring, self.doorbell, self.space, self.timeout = ring, doorbell, space, timeout
+        self.queue, self.busy, self.error = deque(), False, None
+        self.cond = threading.Condition()
+        self.thread = None
+
+    def send(self, header, payload):
+        with self.cond:
+            if self.error:
+                raise self.error
+            if not self.queue and not self.busy and \
+                    self.ring.free() >= len(header) + len(payload):
+                self.ring.put(header)
+                self.ring.put(payload)
+                self.doorbell.release()
+                return
+            self.queue.append((header, payload.copy()))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._feed, daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def _feed(self):
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                header, payload = self.queue[0]
+                self.busy = True
+            try:
+                for part in (header, payload):
+                    self._stream(part)
+            except Exception as exc:  # noqa: BLE001 - reported by the next send or by flush
+                with self.cond:
+                    self.error, self.busy = exc, False
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.queue.popleft()
+                self.busy = False
+                self.cond.notify_all()
+
+    def _stream(self, part):
+        position, deadline = 0, time.monotonic() + self.timeout
+        while position < len(part):
+            free = self.ring.free()
+            if free == 0:
+                if not self.space.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    raise deadline_error("send: the receiver made no room", self.timeout)
+                continue
+            step = min(free, len(part) - position)
+            self.ring.put(part[position:position + step])
+            self.doorbell.release()
+            position += step
+
+    def flush(self):
+        """Wait until everything queued is in the ring (the receiver may read it later)."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.error or (not self.queue and not self.busy),
+                                      self.timeout):
+                raise deadline_error("flush: queued messages were not taken", self.timeout)
+            if self.error:
+                raise self.error
+
+
+class ProcessCommunicator(Communicator):
+    backend = "process"
+
+    def __init__(self, rank, world_size, prefix, capacity, timeout, debug, doorbells, spaces):
+        super().__init__(rank, world_size, timeout, debug)
+        self.prefix, p = prefix, world_size
+        self.layout = layout = shm.Layout(p, capacity)
+        self.control = attach(f"{prefix}_ctl")
+        buf = self.control.buf
+        self.status = np.ndarray((p, shm.STATUS_BYTES), np.uint8, buf, layout.status)
+        self.flags = np.ndarray((p, shm.LINE // 8), np.int64, buf, layout.flags)
+        self.published = np.ndarray((p, shm.LINE // 8), np.int64, buf, layout.publish)
+        self.small = np.ndarray((p, 2, shm.SMALL), np.uint8, buf, layout.small)
+        self.doorbell = doorbells[rank]
+        self.outboxes = {d: Outbox(shm.Ring(buf, layout.ring_offset(rank, d), capacity),
+                                   doorbells[d], spaces[rank][d], timeout)
+                         for d in range(p) if d != rank}
+        self.inboxes = {s: (shm.Ring(buf, layout.ring_offset(s, rank), capacity), spaces[s][rank])
+                        for s in range(p) if s != rank}
+        self.stash = defaultdict(deque)  # (src, tag) -> arrays that arrived before they were asked
+        self.segments, self.peer_segments = [], {}  # this rank's buffers; peers' ones, mapped
+        self.scratch = None
+        self.barriers = self.small_calls = 0
+
+    def _set_status(self, text):
+        data = text.encode()[: shm.STATUS_BYTES - 1]
+        row = self.status[self.rank]
+        row[:] = 0
+        row[: len(data)] = np.frombuffer(data, np.uint8)
+
+    # ---- messages --------------------------------------------------------------------------
+    def _transport_send(self, array, dst, tag):
+        self.outboxes[dst].send(shm.encode_header(tag, array), array.reshape(-1).view(np.uint8))
+
+    def _transport_recv(self, src, tag, timeout):
+        deadline = time.monotonic() + timeout
+        while not self.stash[(src, tag)]:
+            header = np.empty(shm.MESSAGE_HEADER, np.uint8)
+            self._read(src, header, deadline, timeout)
+            got_tag, shape, dtype, nbytes = shm.decode_header(header)
+            array = np.empty(shape, dtype)
+            self._read(src, array.reshape(-1).view(np.uint8), deadline, timeout)
+            self.stash[(src, got_tag)].append(array)
+        return self.stash[(src, tag)].popleft()
+
+    def _read(self, src, out, deadline, timeout):
+        ring, space = self.inboxes[src]
+        position = 0
+        while position < len(out):
+            available = ring.available()
+            if available == 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise deadline_error(f"rank {self.rank}: recv from rank {src}", timeout)
+                self.doorbell.acquire(timeout=left)  # any sender's write wakes us; re-check
+                continue
+            step = min(available, len(out) - position)
+            ring.get(out[position:position + step])
+            space.release()
+            position += step
+
+    def flush(self):
+        for outbox in self.outboxes.values():
+            outbox.flush()
+
+    # ---- shared buffers and the native paths ---------------------------------------------------
+    def alloc(self, shape, dtype=np.float64):
+        """A zeroed array in this rank's shared memory: native collectives on it skip the
+        copy-in, since the other ranks can read it where it lies."""
+        dtype = np.dtype(dtype)
+        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+        segment = attach(f"{self.prefix}_r{self.rank}_{len(self.segments)}", True, nbytes)
+        self.segments.append(segment)
+        return np.ndarray(shape, dtype, segment.buf)
+
+    def _locate(self, array):
+        """(segment index, byte offset) of an array inside one of this rank's segments."""
+        address = array.__array_interface__["data"][0]
+        for index, segment in enumerate(self.segments):
+            start = np.frombuffer(segment.buf, np.uint8).__array_interface__["data"][0]
+            if start <= address and address + array.nbytes <= start + segment.size:
+                return index, address - start
+        return None
+
+    def _peer_view(self, src, like):
+        """Rank src's published buffer, as an array shaped and typed like `like`."""
+        index, offset, nbytes = (int(v) for v in self.published[src, :3])
+        if nbytes != like.nbytes:
+            raise CollectiveMismatchError(f"native collective: rank {src} passed {nbytes} bytes, "
+                                          f"rank {self.rank} passed {like.nbytes}")
+        if (src, index) not in self.peer_segments:
+            self.peer_segments[(src, index)] = attach(f"{self.prefix}_r{src}_{index}")
+        buf = self.peer_segments[(src, index)].buf
+        return np.ndarray(like.shape, like.dtype, buf, offset)
+
+    def _publish(self, array):
+        """Make `array` readable by the other ranks, copying it into shared scratch if needed."""
+        place = self._locate(array)
+        if place is None:
+            if self.scratch is None or self.scratch.nbytes < array.nbytes:
+                self.scratch = self.alloc(max(array.nbytes, 1), np.uint8)
+            shared = self.scratch[: array.nbytes].view(array.dtype).reshape(array.shape)
+            shared[...] = array
+            place = self._locate(shared)
+        else:
+            shared = array
+        self.published[self.rank, :3] = (*place, array.nbytes)
+        return shared
+
+    def _wait_all(self):
+        """Barrier on shared counters: publish my count, wait until every rank reaches it."""
+        self.barriers += 1
+        self.flags[self.rank, 0] = self.barriers
+        deadline, spins = time.monotonic() + self.timeout, 0
+        for src in range(self.world_size):
+            while self.flags[src, 0] < self.barriers:
+                spins += 1
+                if spins % 64 == 0 and time.monotonic() > deadline:
+                    raise deadline_error(f"rank {self.rank}: {self._op} waiting for rank {src}",
+                                         self.timeout)
+                os.sched_yield() if spins < 10_000 else time.sleep(50e-6)
+
+    def _native_all_reduce(self, array, op):
+        if array.nbytes <= shm.SMALL:
+            self._small_all_reduce(array, UFUNCS[op])
+        else:
+            self._large_all_reduce(array, UFUNCS[op])
+        if op == "mean":
+            array /= self.world_size
+        return array
+
+    def _small_all_reduce(self, array, ufunc):
+        """One barrier: write my slot, then every rank reduces all slots in rank order (so all
+        get identical bits). Slots alternate between two sets, so the next call cannot
+        overwrite a slot that a slower rank is still reading."""
+        p, r, nbytes = self.world_size, self.rank, array.nbytes
+        parity = self.small_calls % 2
+        self.small_calls += 1
+        self.small[r, parity, :nbytes] = array.reshape(-1).view(np.uint8)
+        self.published[r, 4 + parity] = nbytes  # the size, double-buffered like the slot
+        self._wait_all()
+        sizes = self.published[:, 4 + parity]
+        if np.any(sizes != nbytes):
+            raise CollectiveMismatchError(f"all_reduce: ranks passed {sizes.tolist()} bytes; "
+                                          "all must pass the same")
+        flat = array.reshape(-1)
+        flat[...] = self.small[0, parity, :nbytes].view(array.dtype)
+        for s in range(1, p):
+            ufunc(flat, self.small[s, parity, :nbytes].view(array.dtype), out=flat)
+        self._count(sent=(p - 1) * nbytes, received=(p - 1) * nbytes)
+
+    def _large_all_reduce(self, array, ufunc):
+        """Reduce-scatter, then all-gather, straight out of the other ranks' shared buffers:
+        rank r sums chunk r of every buffer into its own, then copies the other chunks from
+        their owners. Three barriers keep the phases apart."""
+        p, r = self.world_size, self.rank
+        flat = self._publish(array).reshape(-1)
+        self._wait_all()
+        peers = {s: self._peer_view(s, flat) for s in range(p) if s != r}
+        lo, hi = shard_bounds(flat.size, r, p)
+        for theirs in peers.values():
+            ufunc(flat[lo:hi], theirs[lo:hi], out=flat[lo:hi])
+        self._wait_all()
+        out = array.reshape(-1)
+        if not np.shares_memory(out, flat):
+            out[lo:hi] = flat[lo:hi]
+        for s, theirs in peers.items():
+            a, b = shard_bounds(flat.size, s, p)
+            out[a:b] = theirs[a:b]
+        self._wait_all()  # nobody may overwrite its buffer while others still read it
+        moved = ((p - 1) * (hi - lo) + flat.size - (hi - lo)) * array.itemsize
+        self._count(sent=moved, received=moved)
+
+    def _native_broadcast(self, array, src):
+        """The root publishes its buffer; every other rank copies it out."""
+        if self.rank == src:
+            self._publish(array)
+        self._wait_all()
+        if self.rank != src:
+            array[...] = self._peer_view(src, array)
+        self._wait_all()
+        root = self.rank == src
+        self._count(sent=(self.world_size - 1) * array.nbytes if root else 0,
+                    received=0 if root else array.nbytes)
+        return array
+
+    def _count(self, sent, received):
+        """Native paths send no messages; count the bytes copied between ranks' memories."""
+        op = self.stats[self._op]
+        op.bytes_sent += sent
+        op.bytes_received += received

@@ -1,0 +1,149 @@
+"""Start one process per rank, watch them, and always clean up.
+
+The launcher creates the shared control segment and the semaphores, ships `fn` to every rank
+by value (cloudpickle: so a function defined in a notebook cell runs under fork, spawn and
+forkserver alike), then waits on each rank's result pipe and process handle together:
+
+- a result from every rank            -> the results, in rank order
+- a rank reports an exception         -> WorkerError with its rank and traceback
+- a rank's process ends with no result -> WorkerError naming its exit code or signal
+- the deadline passes                  -> CommTimeout naming each unfinished rank's operation
+
+Whatever happens, the other ranks are killed, and every shared-memory segment of the run
+(named with the run's prefix) is unlinked.
+"""
+
+import glob
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+import uuid
+from multiprocessing.connection import wait
+
+import cloudpickle
+import numpy as np
+
+from minidist.comm import shm
+from minidist.comm.process import ProcessCommunicator, attach
+from minidist.errors import CommTimeout, WorkerError, remote_failure
+
+
+def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, spaces, payload,
+               threads, conn):
+    """What each rank's process runs."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)  # p ranks on p cores must not each start p BLAS threads
+        comm = ProcessCommunicator(rank, world_size, prefix, capacity, timeout, debug, doorbells,
+                                   spaces)
+        fn, args, kwargs = cloudpickle.loads(payload)
+        result = fn(comm, *args, **kwargs)
+        comm.flush()
+        comm._set_status("finished")
+        conn.send(("ok", cloudpickle.dumps(result)))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the launcher
+        conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc(),
+                   isinstance(exc, CommTimeout)))
+    finally:
+        conn.close()
+
+
+def run_processes(fn, world_size, args, kwargs, timeout, debug, start_method=None, threads=1):
+    """Run fn(comm, *args, **kwargs) in `world_size` processes; results in rank order."""
+    ctx = mp.get_context(start_method)
+    prefix = f"md{os.getpid()}_{uuid.uuid4().hex[:8]}"  # short: macOS allows 31 bytes
+    capacity = shm.ring_capacity(world_size)
+    layout = shm.Layout(world_size, capacity)
+    control = attach(f"{prefix}_ctl", create=True, size=layout.total)
+    status = np.ndarray((world_size, shm.STATUS_BYTES), np.uint8, control.buf, layout.status)
+    doorbells = [ctx.Semaphore(0) for _ in range(world_size)]
+    spaces = [[ctx.Semaphore(0) if s != d else None for d in range(world_size)]
+              for s in range(world_size)]
+    payload = cloudpickle.dumps((fn, args, kwargs))
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
+    procs = [ctx.Process(target=_rank_main, name=f"minidist-rank-{r}", daemon=True,
+                         args=(r, world_size, prefix, capacity, timeout, debug, doorbells,
+                               spaces, payload, threads, pipes[r][1]))
+             for r in range(world_size)]
+    try:
+        for proc in procs:
+            proc.start()
+        for _, child_end in pipes:
+            child_end.close()
+        return _supervise(procs, [p[0] for p in pipes], status, timeout)
+    finally:
+        _stop(procs)
+        for reader, _ in pipes:
+            reader.close()
+        del status
+        control.close()
+        for path in glob.glob(f"/dev/shm/{prefix}_*"):  # the control segment and rank buffers
+            os.unlink(path)
+
+
+def _supervise(procs, conns, status, timeout):
+    world_size = len(procs)
+    results, waiting = {}, set(range(world_size))
+    deadline = time.monotonic() + timeout
+
+    def doing(ranks):
+        return {r: bytes(status[r]).rstrip(b"\0").decode(errors="replace") or "starting"
+                for r in ranks}
+
+    while waiting:
+        handles = {conns[r]: r for r in waiting} | {procs[r].sentinel: r for r in waiting}
+        ready = wait(list(handles), timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise CommTimeout(f"{len(waiting)} of {world_size} ranks did not finish within "
+                              f"{timeout} s", doing(waiting))
+        for handle in ready:
+            rank = handles[handle]
+            if rank not in waiting:
+                continue
+            if conns[rank].poll():  # a message, even if the process has exited since
+                try:
+                    message = conns[rank].recv()
+                except EOFError:
+                    message = None
+            elif handle is conns[rank]:
+                message = None  # the pipe closed without a message
+            else:
+                procs[rank].join(1.0)  # exited: its last message may still be in flight
+                message = conns[rank].recv() if conns[rank].poll(0.5) else None
+            if message is None:
+                raise _died(rank, procs[rank])
+            if message[0] == "ok":
+                results[rank] = cloudpickle.loads(message[1])
+                waiting.discard(rank)
+                continue
+            _, exc_type, text, tb, timed_out = message
+            if timed_out:
+                pending = doing(waiting)
+                raise CommTimeout(f"rank {rank} timed out: {text}", pending)
+            raise remote_failure(rank, exc_type, text, tb)
+    return [results[r] for r in range(world_size)]
+
+
+def _died(rank, proc):
+    proc.join(1.0)
+    code = proc.exitcode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        return WorkerError(rank, f"killed by signal {name}", exitcode=code, signal=name)
+    return WorkerError(rank, f"the process exited with code {code} before returning a result",
+                       exitcode=code)
+
+
+def _stop(procs):
+    """Terminate, then kill, whatever is still running; reap everything."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)

@@ -1,0 +1,41 @@
+"""The errors a distributed run can end in. Each names the ranks involved and what they did."""
+
+
+class WorkerError(RuntimeError):
+    """A rank failed: it raised, exited, or was killed by a signal.
+
+    Attributes: rank, exc_type (the remote exception's class name, or None), remote_traceback
+    (text, or None), exitcode (the process exit code, or None), signal (its name, or None).
+    """
+
+    def __init__(self, rank, message, exc_type=None, remote_traceback=None, exitcode=None,
+                 signal=None):
+        self.rank, self.exc_type, self.remote_traceback = rank, exc_type, remote_traceback
+        self.exitcode, self.signal = exitcode, signal
+        text = f"rank {rank} failed: {message}"
+        if remote_traceback:
+            text += f"\n\n--- traceback of rank {rank} ---\n{remote_traceback.rstrip()}"
+        super().__init__(text)
+
+
+class CommTimeout(TimeoutError):
+    """Ranks did not finish in time. `pending` maps each unfinished rank to what it was doing."""
+
+    def __init__(self, message, pending=None):
+        self.pending = dict(pending or {})
+        if self.pending:
+            where = "; ".join(f"rank {r}: {what}" for r, what in sorted(self.pending.items()))
+            message = f"{message} (unfinished — {where})"
+        super().__init__(message)
+
+
+class CollectiveMismatchError(RuntimeError):
+    """Ranks called different collectives, or the same one with different shapes or dtypes."""
+
+
+def remote_failure(rank, exc_type, text, remote_traceback):
+    """The error the caller sees for an exception raised on a rank: a mismatch stays a
+    CollectiveMismatchError, anything else becomes a WorkerError carrying the traceback."""
+    if exc_type == "CollectiveMismatchError":
+        return CollectiveMismatchError(f"rank {rank}: {text}")
+    return WorkerError(rank, f"{exc_type}: {text}", exc_type, remote_traceback)

@@ -1,0 +1,127 @@
+"""The launcher: start methods, functions from notebooks, BLAS limits, and failures that end
+quickly with the right error, leaving no process and no shared memory behind."""
+
+import glob
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from minidist import CommTimeout, WorkerError, run
+
+NOTEBOOK_CELL = '''
+import numpy as np
+
+def train_step(comm, scale):
+    grad = np.full(4, float(comm.rank + 1) * scale)
+    return comm.all_reduce(grad, op="mean")
+'''
+
+
+def our_segments():
+    return set(glob.glob(f"/dev/shm/md{os.getpid()}_*"))
+
+
+@pytest.fixture
+def leaves_nothing_behind():
+    """Fails the test if it leaves a shared-memory segment or a child process."""
+    before = our_segments()
+    yield
+    assert our_segments() - before == set()
+    assert mp.active_children() == []
+
+
+def notebook_function():
+    """A function as a notebook cell defines it: in __main__, not importable by a child."""
+    namespace = {"__name__": "__main__"}
+    exec(compile(NOTEBOOK_CELL, "<notebook cell>", "exec"), namespace)
+    return namespace["train_step"]
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver", "fork"])
+def test_notebook_functions_run_under_every_start_method(start_method, leaves_nothing_behind):
+    results = run(notebook_function(), 3, args=(2.0,), backend="process",
+                  start_method=start_method, timeout=60)
+    for result in results:
+        np.testing.assert_array_equal(result, np.full(4, 4.0))
+    closure_scale = 10
+    lambda_results = run(lambda comm: comm.rank * closure_scale, 2, start_method=start_method)
+    assert lambda_results == [0, 10]
+
+
+def test_each_rank_limits_blas_threads_to_one(leaves_nothing_behind):
+    def blas_threads(comm):
+        from threadpoolctl import threadpool_info
+
+        return [pool["num_threads"] for pool in threadpool_info()]
+
+    for threads in run(blas_threads, 2, backend="process"):
+        assert threads and set(threads) == {1}
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_raising_rank_stops_the_run_quickly(backend, leaves_nothing_behind):
+    def fails_on_rank_2(comm):
+        if comm.rank == 2:
+            raise KeyError("missing shard")
+        comm.all_reduce(np.ones(3))  # the others block here until stopped
+
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 2 failed: KeyError") as info:
+        run(fails_on_rank_2, 4, backend=backend, timeout=30)
+    assert time.monotonic() - start < 5
+    assert info.value.rank == 2 and info.value.exc_type == "KeyError"
+    assert "fails_on_rank_2" in info.value.remote_traceback
+
+
+@pytest.mark.parametrize("how, match", [
+    (lambda: os._exit(3), "exited with code 3"),
+    (lambda: os.kill(os.getpid(), signal.SIGKILL), "killed by signal SIGKILL"),
+])
+def test_a_dying_rank_is_named(how, match, leaves_nothing_behind):
+    def dies_on_rank_1(comm):
+        if comm.rank == 1:
+            how()
+        comm.barrier()
+
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=f"rank 1 failed: .*{match}") as info:
+        run(dies_on_rank_1, 3, backend="process", timeout=30)
+    assert time.monotonic() - start < 5
+    assert info.value.rank == 1
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_rank_that_never_joins_times_out_naming_who_waits_where(backend,
+                                                                  leaves_nothing_behind):
+    def rank_1_skips(comm):
+        if comm.rank != 1:
+            comm.all_reduce(np.ones(3), algorithm="ring")
+
+    start = time.monotonic()
+    with pytest.raises(CommTimeout, match=r"rank 0: all_reduce: recv from rank") as info:
+        run(rank_1_skips, 3, backend=backend, timeout=2)
+    assert 1.5 < time.monotonic() - start < 8
+    assert isinstance(info.value, TimeoutError) and 1 not in info.value.pending
+
+
+def test_a_stuck_rank_times_out(leaves_nothing_behind):
+    def stuck(comm):
+        if comm.rank == 0:
+            time.sleep(60)
+
+    with pytest.raises(CommTimeout, match="1 of 2 ranks did not finish within 1.5 s") as info:
+        run(stuck, 2, backend="process", timeout=1.5)
+    assert list(info.value.pending) == [0]
+
+
+def test_results_come_back_in_rank_order_with_any_picklable_value(leaves_nothing_behind):
+    def result(comm):
+        return {"rank": comm.rank, "array": np.arange(comm.rank + 1), "none": None}
+
+    out = run(result, 4, backend="process")
+    assert [r["rank"] for r in out] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(out[3]["array"], [0, 1, 2, 3])
