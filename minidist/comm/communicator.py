@@ -11,7 +11,6 @@ the same tag arrive in the order they were sent.
 
 import functools
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -104,24 +103,9 @@ class Communicator:
         return (self.context << 32) | tag
 
     # ---- collectives -------------------------------------------------------------------------
-    @contextmanager
     def _collective(self, name, array=None, **details):
-        """Count, time and (in debug mode) fingerprint one collective call."""
-        if self._op is not None:  # a collective built from others counts as one
-            yield
-            return
-        self._seq += 1
-        if self.debug:
-            self._check_fingerprint(name, array, details)
-        start = time.perf_counter()
-        self._op = name
-        self.stats[name].calls += 1
-        try:
-            yield
-        finally:  # on an error the status keeps saying where this rank was
-            self._op = None
-            self.stats[name].seconds += time.perf_counter() - start
-        self._set_status("idle")
+        """`with self._collective(...)`: count, time and (in debug mode) fingerprint one call."""
+        return _CollectiveCall(self, name, array, details)
 
     def _check_fingerprint(self, op, array, details):
         """Debug mode: compare (sequence number, op, shape, dtype, root) across ranks first."""
@@ -245,6 +229,35 @@ class Communicator:
     def _check_root(self, root, name):
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.world_size:
             raise ValueError(f"{name} must be a rank in [0, {self.world_size}), got {root!r}")
+
+
+class _CollectiveCall:
+    """The context of one collective call (a class: cheaper than @contextmanager)."""
+
+    __slots__ = ("comm", "name", "array", "details", "start", "outer")
+
+    def __init__(self, comm, name, array, details):
+        self.comm, self.name, self.array, self.details = comm, name, array, details
+
+    def __enter__(self):
+        comm = self.comm
+        self.outer = comm._op is None  # a collective built from others counts as one
+        if self.outer:
+            comm._seq += 1
+            if comm.debug:
+                comm._check_fingerprint(self.name, self.array, self.details)
+            self.start = time.perf_counter()
+            comm._op = self.name
+            comm.stats[self.name].calls += 1
+            comm._set_status(self.name)
+
+    def __exit__(self, *exc):
+        if self.outer:
+            comm = self.comm
+            comm._op = None
+            comm.stats[self.name].seconds += time.perf_counter() - self.start
+            if exc[0] is None:  # on an error the status keeps saying where the rank was
+                comm._set_status("idle")
 
 
 class SubCommunicator(Communicator):

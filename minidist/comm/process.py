@@ -117,10 +117,13 @@ class ProcessCommunicator(Communicator):
         self.layout = layout = shm.Layout(p, capacity)
         self.control = attach(f"{prefix}_ctl")
         buf = self.control.buf
-        self.status = np.ndarray((p, shm.STATUS_BYTES), np.uint8, buf, layout.status)
-        self.flags = np.ndarray((p, shm.LINE // 8), np.int64, buf, layout.flags)
-        self.published = np.ndarray((p, shm.LINE // 8), np.int64, buf, layout.publish)
-        self.small = np.ndarray((p, 2, shm.SMALL), np.uint8, buf, layout.small)
+        # int64 cells read and written through memoryviews: cheaper than numpy scalars
+        words = shm.LINE // 8
+        self.flags = buf[layout.flags:layout.publish].cast("q")[::words]  # one per rank
+        self.published = buf[layout.publish:layout.small].cast("q")  # rank s: s·8 … s·8+7
+        self.small_slots = [[np.ndarray(shm.SMALL, np.uint8, buf,
+                                        layout.small + (2 * s + parity) * shm.SMALL)
+                             for s in range(p)] for parity in (0, 1)]
         self.doorbell = doorbells[rank]
         self.outboxes = {d: Outbox(shm.Ring(buf, layout.ring_offset(rank, d), capacity),
                                    doorbells[d], spaces[rank][d], timeout)
@@ -133,10 +136,9 @@ class ProcessCommunicator(Communicator):
         self.barriers = self.small_calls = 0
 
     def _set_status(self, text):
-        data = text.encode()[: shm.STATUS_BYTES - 1]
-        row = self.status[self.rank]
-        row[:] = 0
-        row[: len(data)] = np.frombuffer(data, np.uint8)
+        start = self.layout.status + self.rank * shm.STATUS_BYTES
+        data = text.encode()[: shm.STATUS_BYTES - 1].ljust(shm.STATUS_BYTES, b"\0")
+        self.control.buf[start:start + shm.STATUS_BYTES] = data
 
     # ---- messages --------------------------------------------------------------------------
     def _transport_send(self, array, dst, tag):
@@ -173,6 +175,17 @@ class ProcessCommunicator(Communicator):
         for outbox in self.outboxes.values():
             outbox.flush()
 
+    def close(self):
+        """Let go of every view into shared memory, then unmap it (the launcher unlinks)."""
+        self.outboxes = self.inboxes = self.small_slots = self.scratch = None
+        self.flags.release()
+        self.published.release()
+        for segment in [self.control, *self.segments, *self.peer_segments.values()]:
+            try:
+                segment.close()
+            except BufferError:  # an array from alloc() is still referenced: unmapped at exit
+                pass
+
     # ---- shared buffers and the native paths ---------------------------------------------------
     def alloc(self, shape, dtype=np.float64):
         """A zeroed array in this rank's shared memory: native collectives on it skip the
@@ -194,7 +207,7 @@ class ProcessCommunicator(Communicator):
 
     def _peer_view(self, src, like):
         """Rank src's published buffer, as an array shaped and typed like `like`."""
-        index, offset, nbytes = (int(v) for v in self.published[src, :3])
+        index, offset, nbytes = self.published[src * 8:src * 8 + 3]
         if nbytes != like.nbytes:
             raise CollectiveMismatchError(f"native collective: rank {src} passed {nbytes} bytes, "
                                           f"rank {self.rank} passed {like.nbytes}")
@@ -214,16 +227,16 @@ class ProcessCommunicator(Communicator):
             place = self._locate(shared)
         else:
             shared = array
-        self.published[self.rank, :3] = (*place, array.nbytes)
+        self.published[self.rank * 8:self.rank * 8 + 3] = _int64s(*place, array.nbytes)
         return shared
 
     def _wait_all(self):
         """Barrier on shared counters: publish my count, wait until every rank reaches it."""
         self.barriers += 1
-        self.flags[self.rank, 0] = self.barriers
+        self.flags[self.rank] = self.barriers
         deadline, spins = time.monotonic() + self.timeout, 0
         for src in range(self.world_size):
-            while self.flags[src, 0] < self.barriers:
+            while self.flags[src] < self.barriers:
                 spins += 1
                 if spins % 64 == 0 and time.monotonic() > deadline:
                     raise deadline_error(f"rank {self.rank}: {self._op} waiting for rank {src}",
@@ -244,19 +257,21 @@ class ProcessCommunicator(Communicator):
         get identical bits). Slots alternate between two sets, so the next call cannot
         overwrite a slot that a slower rank is still reading."""
         p, r, nbytes = self.world_size, self.rank, array.nbytes
-        parity = self.small_calls % 2
+        parity = self.small_calls & 1
         self.small_calls += 1
-        self.small[r, parity, :nbytes] = array.reshape(-1).view(np.uint8)
-        self.published[r, 4 + parity] = nbytes  # the size, double-buffered like the slot
-        self._wait_all()
-        sizes = self.published[:, 4 + parity]
-        if np.any(sizes != nbytes):
-            raise CollectiveMismatchError(f"all_reduce: ranks passed {sizes.tolist()} bytes; "
-                                          "all must pass the same")
+        slots = [slot[:nbytes].view(array.dtype) for slot in self.small_slots[parity]]
         flat = array.reshape(-1)
-        flat[...] = self.small[0, parity, :nbytes].view(array.dtype)
-        for s in range(1, p):
-            ufunc(flat, self.small[s, parity, :nbytes].view(array.dtype), out=flat)
+        np.copyto(slots[r], flat)
+        self.published[r * 8 + 4 + parity] = nbytes  # the size, double-buffered like the slot
+        self._wait_all()
+        sizes = [self.published[s * 8 + 4 + parity] for s in range(p)]
+        if sizes.count(nbytes) != p:
+            raise CollectiveMismatchError(f"all_reduce: ranks passed {sizes} bytes; "
+                                          "all must pass the same")
+        if p > 1:
+            ufunc(slots[0], slots[1], out=flat)
+        for s in range(2, p):
+            ufunc(flat, slots[s], out=flat)
         self._count(sent=(p - 1) * nbytes, received=(p - 1) * nbytes)
 
     def _large_all_reduce(self, array, ufunc):
@@ -299,3 +314,8 @@ class ProcessCommunicator(Communicator):
         op = self.stats[self._op]
         op.bytes_sent += sent
         op.bytes_received += received
+
+
+def _int64s(*values):
+    """Python ints as the bytes of int64s, for writing into a 'q' memoryview slice."""
+    return memoryview(np.array(values, np.int64)).cast("B").cast("q")

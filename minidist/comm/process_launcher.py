@@ -33,6 +33,7 @@ from minidist.errors import CommTimeout, WorkerError, remote_failure
 def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, spaces, payload,
                threads, conn):
     """What each rank's process runs."""
+    comm = None
     try:
         from threadpoolctl import threadpool_limits
 
@@ -43,12 +44,15 @@ def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, sp
         result = fn(comm, *args, **kwargs)
         comm.flush()
         comm._set_status("finished")
-        conn.send(("ok", cloudpickle.dumps(result)))
+        message = ("ok", cloudpickle.dumps(result))
+        del result
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the launcher
-        conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc(),
-                   isinstance(exc, CommTimeout)))
-    finally:
-        conn.close()
+        message = ("error", type(exc).__name__, str(exc), traceback.format_exc(),
+                   isinstance(exc, CommTimeout))
+    conn.send(message)
+    conn.close()
+    if comm is not None:
+        comm.close()
 
 
 def run_processes(fn, world_size, args, kwargs, timeout, debug, start_method=None, threads=1):
