@@ -10,13 +10,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minidist import data, optim
+from minidist.parallel import data_parallel, distributed_gd
+from minidist.parallel.job import Job
 
-STRATEGIES = ("single",)
+# strategy -> (the function each rank runs, its options with defaults, their validator)
+STRATEGIES = {
+    "single": (None, {}, None),
+    "distributed_gd": (distributed_gd.worker, {}, None),
+    "data_parallel": (data_parallel.worker, data_parallel.OPTIONS, data_parallel.check_options),
+}
 
 
 @dataclass
 class History:
-    """What a training run leaves behind: final parameters and per-step measurements."""
+    """What a training run leaves behind: final parameters and per-step measurements.
+
+    loss: the global-batch mean loss per step. step_time, compute_time, comm_time: rank 0's
+    seconds per step. bytes_sent: each rank's payload bytes, over the whole run.
+    """
 
     strategy: str
     workers: int
@@ -26,7 +37,9 @@ class History:
     step_time: np.ndarray
     compute_time: np.ndarray
     comm_time: np.ndarray
-    bytes_sent: list = field(default_factory=list)  # per rank, in total
+    bytes_sent: list = field(default_factory=list)
+    backend: str = "none"
+    options: dict = field(default_factory=dict)
 
     def model(self):
         """A fresh model holding the final parameters."""
@@ -52,11 +65,12 @@ class History:
 
 def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps=100,
           batch_size=64, lr=0.1, optimizer="sgd", seed=0, optimizer_options=None,
-          progress=False, **strategy_options):
+          progress=False, timeout=600.0, **strategy_options):
     """Train model_fn() on (X, y) for `steps` steps of `batch_size` samples with `strategy`.
 
     lr is a number or a schedule (minidist.optim.linear_warmup); optimizer_options go to the
-    optimizer (momentum, weight_decay for "sgd"; betas, eps for "adam").
+    optimizer (momentum, weight_decay for "sgd"; betas, eps for "adam"). backend and timeout
+    apply to the multi-rank strategies (see minidist.launch.run).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
@@ -71,25 +85,58 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
         raise ValueError(f"steps must be >= 1, got {steps}")
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
-    if strategy_options:
-        raise ValueError(f"strategy {strategy!r} takes no options, got {sorted(strategy_options)}")
+    worker, defaults, check = STRATEGIES[strategy]
+    unknown = set(strategy_options) - set(defaults)
+    if unknown:
+        allowed = ", ".join(defaults) or "none"
+        raise ValueError(f"strategy {strategy!r} does not take {sorted(unknown)}; "
+                         f"its options: {allowed}")
+    if check:
+        check(strategy_options)
+    optimizer_options = dict(optimizer_options or {})
+    optim.make(optimizer, np.zeros(1), lr, **optimizer_options)  # fail early on a bad optimizer
+    if strategy == "single":
+        return _train_single(model_fn, X, y, steps, batch_size, lr, optimizer,
+                             optimizer_options, seed, progress)
 
+    from minidist.launch import run
+
+    job = Job(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
+              dict(strategy_options))
+    ranks = run(worker, workers, args=(job,), backend=backend, timeout=timeout)
+    first = ranks[0]
+    _check_finite(first["loss"], lr)
+    return History(strategy=strategy, workers=workers, model_fn=model_fn,
+                   params=first["params"], loss=first["loss"], step_time=first["step_time"],
+                   compute_time=first["compute_time"], comm_time=first["comm_time"],
+                   bytes_sent=[r["bytes_sent"] for r in ranks], backend=backend,
+                   options={**defaults, **strategy_options})
+
+
+def _check_finite(losses, lr):
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if len(bad):
+        raise ValueError(f"the loss became {losses[bad[0]]} at step {bad[0]} (lr={lr}); "
+                         "training diverged: try a smaller learning rate")
+
+
+def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
+                  progress):
+    """The reference: one process, the whole global batch each step."""
     model = model_fn()
-    opt = optim.make(optimizer, model.params, lr, **(optimizer_options or {}))
+    opt = optim.make(optimizer, model.params, lr, **optimizer_options)
     batches = data.step_batches(len(X), batch_size, steps, seed)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=steps, desc=strategy, leave=False, disable=None)
+        batches = tqdm(batches, total=steps, desc="single", leave=False, disable=None)
     loss, step_time = np.zeros(steps), np.zeros(steps)
     for t, idx in enumerate(batches):
         start = time.perf_counter()
         loss[t] = model.loss_and_grad(X[idx], y[idx])
-        if not np.isfinite(loss[t]):
-            raise ValueError(f"the loss became {loss[t]} at step {t} (lr={opt.lr}); "
-                             "training diverged: try a smaller learning rate")
+        _check_finite(loss[t:t + 1], opt.lr)
         opt.step(model.grads)
         step_time[t] = time.perf_counter() - start
-    return History(strategy=strategy, workers=workers, model_fn=model_fn,
-                   params=model.params.copy(), loss=loss, step_time=step_time,
-                   compute_time=step_time.copy(), comm_time=np.zeros(steps), bytes_sent=[0])
+    return History(strategy="single", workers=1, model_fn=model_fn, params=model.params.copy(),
+                   loss=loss, step_time=step_time, compute_time=step_time.copy(),
+                   comm_time=np.zeros(steps), bytes_sent=[0])

@@ -36,7 +36,7 @@ def test_adam_and_schedules_through_train(problem):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"strategy": "magic"}, "unknown strategy 'magic'.*single"),
+    ({"strategy": "magic"}, "unknown strategy .magic.*single, distributed_gd, data_parallel"),
     ({"workers": 0}, "workers"),
     ({"workers": 2}, "workers must be 1"),
     ({"steps": 0}, "steps"),
@@ -65,3 +65,74 @@ def test_history_plot_draws_the_loss(problem):
     hist = train(model_fn, X, y, steps=4)
     ax = hist.plot()
     np.testing.assert_array_equal(ax.lines[0].get_ydata(), hist.loss)
+
+
+def _relative_gap(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def digits_reference():
+    """50 steps of single-process SGD with momentum on the digits: the reference."""
+    X, y = data.load_digits()
+    model_fn = functools.partial(nn.mlp, [64, 32, 10], seed=0)
+    kwargs = {"steps": 50, "batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
+    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+@pytest.mark.parametrize("strategy", ["distributed_gd", "data_parallel"])
+@pytest.mark.parametrize("workers", [1, 2, 3, 4, 8])
+def test_synchronous_strategies_reproduce_single(digits_reference, strategy, workers, backend):
+    model_fn, X, y, kwargs, reference = digits_reference
+    hist = train(model_fn, X, y, strategy=strategy, workers=workers, backend=backend, **kwargs)
+    assert _relative_gap(hist.params, reference.params) < 1e-10  # 64 rows: uneven for 3 and 8
+    np.testing.assert_allclose(hist.loss, reference.loss, rtol=1e-10)
+    assert len(hist.bytes_sent) == workers
+    assert (min(hist.bytes_sent) > 0) == (workers > 1)
+    assert hist.step_time.shape == hist.compute_time.shape == hist.comm_time.shape == (50,)
+    assert np.all(hist.step_time >= hist.compute_time)
+
+
+@pytest.mark.parametrize("options", [
+    {"accumulate": 3}, {"bucket_bytes": 1000}, {"algorithm": "naive"}, {"algorithm": "tree"},
+    {"algorithm": "ring", "bucket_bytes": 4096}, {"algorithm": "recursive_doubling"},
+    {"algorithm": "native", "accumulate": 2},
+])
+def test_data_parallel_options_keep_the_same_sgd(digits_reference, options):
+    model_fn, X, y, kwargs, reference = digits_reference
+    hist = train(model_fn, X, y, strategy="data_parallel", workers=3, backend="process",
+                 **kwargs, **options)
+    assert _relative_gap(hist.params, reference.params) < 1e-10
+    assert hist.options["bucket_bytes"] == options.get("bucket_bytes", 1 << 20)
+
+
+def test_buckets_split_the_gradient_message(digits_reference):
+    model_fn, X, y, kwargs, _ = digits_reference
+    kwargs = {**kwargs, "steps": 2}
+    one = train(model_fn, X, y, strategy="data_parallel", workers=2, backend="thread",
+                algorithm="ring", **kwargs)
+    many = train(model_fn, X, y, strategy="data_parallel", workers=2, backend="thread",
+                 algorithm="ring", bucket_bytes=8 * 1000, **kwargs)
+    np.testing.assert_array_equal(one.params, many.params)
+    assert one.bytes_sent == many.bytes_sent  # the same bytes, in more messages
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"bucket_bytes": 0}, "bucket_bytes"), ({"accumulate": 0}, "accumulate"),
+    ({"algorithm": "gossip"}, "all-reduce algorithm 'gossip'"),
+    ({"momentum": 0.9}, r"does not take \['momentum'\]; its options: bucket_bytes"),
+])
+def test_data_parallel_rejects_bad_options(problem, options, match):
+    model_fn, X, y = problem
+    with pytest.raises(ValueError, match=match):
+        train(model_fn, X, y, strategy="data_parallel", workers=2, backend="thread", **options)
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",
+                            "ignore:invalid value:RuntimeWarning")
+def test_divergence_is_reported_by_distributed_strategies(problem):
+    model_fn, X, y = problem
+    with pytest.raises(ValueError, match="the loss became (inf|nan) at step"):
+        train(model_fn, 1e3 * X, y, strategy="data_parallel", workers=2, backend="thread",
+              steps=50, lr=1e6)

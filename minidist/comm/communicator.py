@@ -67,6 +67,17 @@ class Communicator:
     def _set_status(self, text):
         """Record what this rank is doing, so a timeout can say where each rank was stuck."""
 
+    def _count_native(self, sent, received):
+        """Native paths send no messages: count the bytes they copy between ranks."""
+        op = self.stats[self._op]
+        op.bytes_sent += sent
+        op.bytes_received += received
+
+    def alloc(self, shape, dtype=np.float64):
+        """A zeroed array that this backend can communicate fastest (the process backend
+        places it in shared memory, so native collectives read it where it lies)."""
+        return np.zeros(shape, dtype)
+
     # ---- point to point ----------------------------------------------------------------------
     def send(self, array, dst, tag=0):
         """Send `array` to rank `dst`; returns without waiting for the receiver."""

@@ -272,7 +272,7 @@ class ProcessCommunicator(Communicator):
             ufunc(slots[0], slots[1], out=flat)
         for s in range(2, p):
             ufunc(flat, slots[s], out=flat)
-        self._count(sent=(p - 1) * nbytes, received=(p - 1) * nbytes)
+        self._count_native(sent=(p - 1) * nbytes, received=(p - 1) * nbytes)
 
     def _large_all_reduce(self, array, ufunc):
         """Reduce-scatter, then all-gather, straight out of the other ranks' shared buffers:
@@ -294,7 +294,7 @@ class ProcessCommunicator(Communicator):
             out[a:b] = theirs[a:b]
         self._wait_all()  # nobody may overwrite its buffer while others still read it
         moved = ((p - 1) * (hi - lo) + flat.size - (hi - lo)) * array.itemsize
-        self._count(sent=moved, received=moved)
+        self._count_native(sent=moved, received=moved)
 
     def _native_broadcast(self, array, src):
         """The root publishes its buffer; every other rank copies it out."""
@@ -305,15 +305,10 @@ class ProcessCommunicator(Communicator):
             array[...] = self._peer_view(src, array)
         self._wait_all()
         root = self.rank == src
-        self._count(sent=(self.world_size - 1) * array.nbytes if root else 0,
+        self._count_native(sent=(self.world_size - 1) * array.nbytes if root else 0,
                     received=0 if root else array.nbytes)
         return array
 
-    def _count(self, sent, received):
-        """Native paths send no messages; count the bytes copied between ranks' memories."""
-        op = self.stats[self._op]
-        op.bytes_sent += sent
-        op.bytes_received += received
 
 
 def _int64s(*values):

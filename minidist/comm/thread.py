@@ -102,6 +102,9 @@ class ThreadCommunicator(Communicator):
                 lo, hi = bounds[src]
                 slots[r][lo:hi] = slots[src][lo:hi]
         self._wait_all()
+        mine = bounds[r][1] - bounds[r][0]
+        moved = ((p - 1) * mine + array.size - mine) * array.itemsize
+        self._count_native(sent=moved, received=moved)
         return array
 
 
@@ -118,6 +121,9 @@ class ThreadCommunicator(Communicator):
         if self.rank != src:
             array[...] = source
         self._wait_all()
+        root = self.rank == src
+        self._count_native(sent=(self.world_size - 1) * array.nbytes if root else 0,
+                           received=0 if root else array.nbytes)
         return array
 
 def run_threads(fn, world_size, args, kwargs, timeout, debug):

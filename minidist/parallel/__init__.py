@@ -1,0 +1,1 @@
+"""Training strategies that run on many ranks. Each exposes `worker(comm, job) -> dict`."""

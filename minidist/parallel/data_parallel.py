@@ -1,0 +1,67 @@
+"""Data parallelism: every rank a full replica; gradients averaged with all-reduce.
+
+Each step: rank 0's parameters were broadcast at the start, so all replicas agree; every rank
+computes the gradient of its shard of the global batch (over `accumulate` micro-batches),
+weights it by |B_k|/|B| while copying it into a buffer the backend can share, all-reduces that
+buffer bucket by bucket (`bucket_bytes`: a large model does not wait for one huge message),
+and every replica takes the same optimizer step.
+"""
+
+
+from minidist.data import shard_bounds
+from minidist.parallel.job import Clock, global_losses, report
+
+OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto"}
+
+
+def check_options(options):
+    """bucket_bytes >= 1, accumulate >= 1, algorithm one of the all-reduce algorithms."""
+    from minidist.comm import ALGORITHMS
+
+    if options.get("bucket_bytes", 1) < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {options['bucket_bytes']}")
+    if not isinstance(options.get("accumulate", 1), int) or options.get("accumulate", 1) < 1:
+        raise ValueError(f"accumulate must be an integer >= 1, got {options['accumulate']!r}")
+    if options.get("algorithm", "auto") not in ALGORITHMS:
+        raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
+                         f"allowed: {', '.join(ALGORITHMS)}")
+
+
+def buckets(n_params, itemsize, bucket_bytes):
+    """Contiguous slices of the flat gradient, each at most bucket_bytes (at least one element)."""
+    per_bucket = max(1, bucket_bytes // itemsize)
+    return [slice(start, min(start + per_bucket, n_params))
+            for start in range(0, n_params, per_bucket)] or [slice(0, 0)]
+
+
+def worker(comm, job):
+    options = {**OPTIONS, **job.options}
+    model = job.model_fn()
+    comm.broadcast(model.params, src=0)
+    optimizer = job.make_optimizer(model.params)
+    synced = comm.alloc(model.grads.shape, model.grads.dtype)  # shared: no copy-in to reduce
+    slices = buckets(model.num_params, model.grads.itemsize, options["bucket_bytes"])
+    clock, weighted_losses = Clock(job.steps), []
+    for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
+        clock.begin(t)
+        loss = 0.0
+        synced[...] = 0.0
+        for part in range(options["accumulate"]):  # micro-batches, summed before one sync
+            start, stop = shard_bounds(len(rows), part, options["accumulate"])
+            if stop > start:
+                micro = rows[start:stop]
+                share = weight * len(micro) / len(rows)  # of the global batch
+                loss += share * clock.timed("compute", model.loss_and_grad, job.X[micro],
+                                            job.y[micro])
+                clock.timed("compute", _add_scaled, synced, model.grads, share)
+        weighted_losses.append(loss)
+        for bucket in slices:
+            clock.timed("comm", comm.all_reduce, synced[bucket], "sum", options["algorithm"])
+        clock.timed("compute", optimizer.step, synced)
+        clock.end()
+    return report(comm, model.params, global_losses(comm, weighted_losses), clock)
+
+
+def _add_scaled(total, grads, share):
+    """total += share · grads."""
+    total += share * grads

@@ -1,0 +1,73 @@
+"""What every rank of a distributed training run needs, and what it reports back.
+
+The global batch of step t is the same for every strategy and worker count
+(data.step_batches); rank k of p takes rows shard_bounds(|B|, k, p) of it. A rank's mean
+gradient is weighted by |B_k|/|B|, so summing over ranks gives the global-batch gradient:
+
+    ∇L(θ) = Σ_k (|B_k| / |B|) ∇L_k(θ)
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minidist import data, optim
+
+
+@dataclass
+class Job:
+    model_fn: object
+    X: np.ndarray
+    y: np.ndarray
+    steps: int
+    batch_size: int
+    lr: object
+    optimizer: str
+    optimizer_options: dict
+    seed: int
+    options: dict = field(default_factory=dict)
+
+    def my_batches(self, rank, world_size):
+        """(indices of my shard of the global batch, its weight |B_k|/|B|), step by step."""
+        for batch in data.step_batches(len(self.X), self.batch_size, self.steps, self.seed):
+            start, stop = data.shard_bounds(len(batch), rank, world_size)
+            yield batch[start:stop], (stop - start) / len(batch)
+
+    def make_optimizer(self, params):
+        return optim.make(self.optimizer, params, self.lr, **self.optimizer_options)
+
+
+class Clock:
+    """Per-step wall, compute and communication seconds on this rank."""
+
+    def __init__(self, steps):
+        self.compute, self.comm, self.step = np.zeros(steps), np.zeros(steps), np.zeros(steps)
+        self.t, self.started = 0, 0.0
+
+    def begin(self, t):
+        self.t, self.started = t, time.perf_counter()
+
+    def end(self):
+        self.step[self.t] = time.perf_counter() - self.started
+
+    def timed(self, kind, fn, *args):
+        """fn(*args), its seconds added to this step's `kind` ("compute" or "comm")."""
+        start = time.perf_counter()
+        result = fn(*args)
+        getattr(self, kind)[self.t] += time.perf_counter() - start
+        return result
+
+
+def global_losses(comm, weighted_losses):
+    """Per-step global-batch loss Σ_k (|B_k|/|B|) L_k: one all-reduce after training, not one
+    per step, so the loss bookkeeping does not disturb the timings."""
+    losses = np.array(weighted_losses, dtype=np.float64)
+    return comm.all_reduce(losses, algorithm="ring")
+
+
+def report(comm, params, losses, clock):
+    """What a rank returns to train()."""
+    return {"params": params.copy(), "loss": losses, "step_time": clock.step,
+            "compute_time": clock.compute, "comm_time": clock.comm,
+            "bytes_sent": comm.stats.bytes_sent, "stats": comm.stats.as_dict()}
