@@ -18,7 +18,7 @@ lab: $(STAMP)  ## open the lessons in JupyterLab
 	$(BIN)/jupyter lab --notebook-dir=lessons $(ROOT_FLAG) lessons/00_welcome.ipynb
 
 demo: $(STAMP)  ## the main job, from the terminal
-	$(BIN)/python -m minidist demo
+	$(BIN)/python -m minidist tour
 
 test: $(STAMP) lint  ## every test, the lessons included
 	$(BIN)/python -m pytest tests

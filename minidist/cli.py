@@ -1,4 +1,4 @@
-"""`python -m minidist COMMAND`: demo (train on digits, print a table), doctor (what is here)."""
+"""`python -m minidist COMMAND`: tour (every strategy), train (one), doctor (what is here)."""
 
 import argparse
 import functools
@@ -8,44 +8,95 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from minidist import data, nn
 from minidist.train import train
 
+MODEL = [64, 128, 10]  # the digits MLP every command trains
+SETTINGS = {"batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
+TOUR = [("single", {}), ("distributed_gd", {}), ("data_parallel", {})]
 
-def demo(steps=600, seed=0):
-    """Train three models on the digits and print one table; returns the rows."""
+
+def _digits(seed):
     X, y = data.load_digits()
-    X_train, X_test, y_train, y_test = data.train_test_split(X, y, test_fraction=0.25, seed=seed)
-    runs = [
-        ("logistic regression", functools.partial(nn.logistic_regression, 64, 10, seed=seed),
-         "sgd", 0.5, {}),
-        ("MLP 64-128-10", functools.partial(nn.mlp, [64, 128, 10], seed=seed),
-         "sgd", 0.1, {"momentum": 0.9}),
-        ("MLP 64-128-10", functools.partial(nn.mlp, [64, 128, 10], seed=seed),
-         "adam", 0.003, {}),
-    ]
-    print(f"digits: {len(X_train)} training and {len(X_test)} test images, "
-          f"{steps} steps of 64 samples, one process\n")
-    rows = []
-    for name, model_fn, opt, lr, options in runs:
-        start = time.perf_counter()
-        hist = train(model_fn, X_train, y_train, steps=steps, batch_size=64, lr=lr,
-                     optimizer=opt, optimizer_options=options, seed=seed, progress=True)
-        rows.append((name, f"{opt} lr={lr}", hist.loss[-20:].mean(),
-                     hist.accuracy(X_train, y_train), hist.accuracy(X_test, y_test),
-                     time.perf_counter() - start))
-    header = f"{'model':<20} {'optimizer':<14} {'final loss':>10} {'train acc':>9} " \
-             f"{'test acc':>8} {'seconds':>7}"
-    print(header)
-    print("-" * len(header))
-    for name, opt, loss, acc_train, acc_test, secs in rows:
-        print(f"{name:<20} {opt:<14} {loss:>10.4f} {acc_train:>9.1%} {acc_test:>8.1%} "
-              f"{secs:>7.2f}")
-    print("\n(final loss: the mean over the last 20 training batches)")
+    return data.train_test_split(X, y, test_fraction=0.25, seed=seed)
+
+
+def _model_fn(seed):
+    return functools.partial(nn.mlp, MODEL, seed=seed)
+
+
+def train_one(strategy="data_parallel", workers=4, backend="process", steps=300, seed=0,
+              **options):
+    """Train the digits MLP with one strategy; print and return its row of the table."""
+    X_train, X_test, y_train, y_test = _digits(seed)
+    start = time.perf_counter()
+    hist = train(_model_fn(seed), X_train, y_train, strategy=strategy,
+                 workers=1 if strategy == "single" else workers, backend=backend, steps=steps,
+                 seed=seed, progress=True, **SETTINGS, **options)
+    return hist, {"strategy": strategy, "workers": hist.workers, "backend": backend,
+                  "final loss": float(hist.loss[-20:].mean()),
+                  "test acc": hist.accuracy(X_test, y_test),
+                  "seconds": time.perf_counter() - start,
+                  "step ms (compute/comm)": f"{1e3 * np.median(hist.compute_time):.2f}/"
+                                            f"{1e3 * np.median(hist.comm_time):.2f}",
+                  "MB sent/worker": np.mean(hist.bytes_sent) / 1e6}
+
+
+def tour(workers=4, backend="process", steps=300, seed=0, outdir="minidist-tour"):
+    """Every strategy on the digits MLP: one table, and the figures saved as PNG."""
+    import tqdm.auto  # noqa: F401 - imported before the clocks start (it is slow to import)
+
+    print(f"the tour: the digits MLP {MODEL}, {steps} steps of {SETTINGS['batch_size']} "
+          f"samples, SGD with momentum; {workers} workers on the {backend} backend\n")
+    histories, rows = {}, []
+    for strategy, options in TOUR:
+        hist, row = train_one(strategy, workers, backend, steps, seed, **options)
+        histories[strategy], rows = hist, rows + [row]
+    reference = histories["single"].params
+    for row in rows:
+        gap = np.max(np.abs(histories[row["strategy"]].params - reference))
+        row["same as single"] = f"yes ({gap / np.max(np.abs(reference)):.0e})" \
+            if gap <= 1e-10 * np.max(np.abs(reference)) else "no"
+    print_table(rows)
+    saved = save_figures(histories, rows, Path(outdir))
+    print(f"\nfigures saved in {outdir}/: {', '.join(p.name for p in saved)}")
     return rows
+
+
+def print_table(rows):
+    columns = list(rows[0])
+    formats = {"final loss": "{:.4f}", "test acc": "{:.1%}", "seconds": "{:.2f}",
+               "MB sent/worker": "{:.2f}"}
+    cells = [[formats.get(c, "{}").format(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for line in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)))
+
+
+def save_figures(histories, rows, outdir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, hist in histories.items():
+        hist.plot(ax=ax, label=f"{name} ({hist.workers} workers)")
+    ax.set(yscale="log", title="loss curves: the synchronous strategies overlap exactly")
+    fig.savefig(outdir / "loss_curves.png", dpi=100, bbox_inches="tight")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([r["strategy"] for r in rows], [r["MB sent/worker"] for r in rows])
+    ax.set(ylabel="MB sent per worker (mean)", title="communication per strategy")
+    fig.savefig(outdir / "bytes_per_strategy.png", dpi=100, bbox_inches="tight")
+    plt.close("all")
+    return [outdir / "loss_curves.png", outdir / "bytes_per_strategy.png"]
 
 
 def _version(package):
@@ -106,14 +157,25 @@ def doctor():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minidist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_cmd = commands.add_parser("demo", help="train on the digits and print a table")
-    demo_cmd.add_argument("--steps", type=int, default=600)
-    demo_cmd.add_argument("--seed", type=int, default=0)
+    for name, text in [("tour", "every strategy on the digits MLP, one table and figures"),
+                       ("demo", "the same as tour"),
+                       ("train", "one strategy on the digits MLP")]:
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("--workers", type=int, default=4)
+        cmd.add_argument("--backend", default="process", choices=["thread", "process", "mpi"])
+        cmd.add_argument("--steps", type=int, default=300)
+        cmd.add_argument("--seed", type=int, default=0)
+        if name == "train":
+            cmd.add_argument("--strategy", default="data_parallel")
+        else:
+            cmd.add_argument("--outdir", default="minidist-tour")
     commands.add_parser("doctor", help="what is installed, and what to do about what is not")
     args = parser.parse_args(argv)
-    np.seterr(all="raise")
-    if args.command == "demo":
-        demo(args.steps, args.seed)
+    if args.command in ("tour", "demo"):
+        tour(args.workers, args.backend, args.steps, args.seed, args.outdir)
+    elif args.command == "train":
+        print_table([train_one(args.strategy, args.workers, args.backend, args.steps,
+                               args.seed)[1]])
     else:
         doctor()
     return 0

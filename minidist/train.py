@@ -102,7 +102,7 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
     from minidist.launch import run
 
     job = Job(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
-              dict(strategy_options))
+              dict(strategy_options), progress=f"{strategy} ×{workers}" if progress else "")
     ranks = run(worker, workers, args=(job,), backend=backend, timeout=timeout)
     first = ranks[0]
     _check_finite(first["loss"], lr)

@@ -27,10 +27,17 @@ class Job:
     optimizer_options: dict
     seed: int
     options: dict = field(default_factory=dict)
+    progress: str = ""  # a progress-bar label, shown by rank 0; "" for none
 
     def my_batches(self, rank, world_size):
         """(indices of my shard of the global batch, its weight |B_k|/|B|), step by step."""
-        for batch in data.step_batches(len(self.X), self.batch_size, self.steps, self.seed):
+        batches = data.step_batches(len(self.X), self.batch_size, self.steps, self.seed)
+        if self.progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=self.steps, desc=self.progress, leave=False,
+                           disable=None)
+        for batch in batches:
             start, stop = data.shard_bounds(len(batch), rank, world_size)
             yield batch[start:stop], (stop - start) / len(batch)
 
