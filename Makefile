@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: lab demo test lint lessons clean
+.PHONY: lab demo test lint lessons bench bench-allreduce clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
@@ -26,6 +26,15 @@ test: $(STAMP) lint  ## every test, the lessons included
 
 lint: $(STAMP)
 	$(BIN)/ruff check minidist tests
+
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	@touch $@
+
+bench-allreduce: $(VENV)/.bench  ## all-reduce vs MPICH, gloo and the memory-traffic limit
+	$(BIN)/python benchmarks/allreduce.py
+
+bench: bench-allreduce  ## every benchmark; results in benchmarks/results/
 
 lessons: $(STAMP)  ## re-execute every lesson in place (commit them executed)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace lessons/*.ipynb

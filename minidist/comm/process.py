@@ -134,11 +134,17 @@ class ProcessCommunicator(Communicator):
         self.segments, self.peer_segments = [], {}  # this rank's buffers; peers' ones, mapped
         self.scratch = None
         self.barriers = self.small_calls = 0
+        start = layout.status + rank * shm.STATUS_BYTES
+        self.status_row, self.status_bytes = buf[start:start + shm.STATUS_BYTES], {}
+        self.slot_views = {}  # (parity, nbytes, dtype) -> every rank's slot as that array
 
     def _set_status(self, text):
-        start = self.layout.status + self.rank * shm.STATUS_BYTES
-        data = text.encode()[: shm.STATUS_BYTES - 1].ljust(shm.STATUS_BYTES, b"\0")
-        self.control.buf[start:start + shm.STATUS_BYTES] = data
+        data = self.status_bytes.get(text)
+        if data is None:  # statuses repeat ("all_reduce", "idle", ...): encode each once
+            data = text.encode()[: shm.STATUS_BYTES - 1].ljust(shm.STATUS_BYTES, b"\0")
+            if len(self.status_bytes) < 1024:
+                self.status_bytes[text] = data
+        self.status_row[:] = data
 
     # ---- messages --------------------------------------------------------------------------
     def _transport_send(self, array, dst, tag):
@@ -178,6 +184,7 @@ class ProcessCommunicator(Communicator):
     def close(self):
         """Let go of every view into shared memory, then unmap it (the launcher unlinks)."""
         self.outboxes = self.inboxes = self.small_slots = self.scratch = None
+        self.slot_views, self.status_row = {}, None
         self.flags.release()
         self.published.release()
         for segment in [self.control, *self.segments, *self.peer_segments.values()]:
@@ -259,7 +266,12 @@ class ProcessCommunicator(Communicator):
         p, r, nbytes = self.world_size, self.rank, array.nbytes
         parity = self.small_calls & 1
         self.small_calls += 1
-        slots = [slot[:nbytes].view(array.dtype) for slot in self.small_slots[parity]]
+        key = (parity, nbytes, array.dtype)
+        slots = self.slot_views.get(key)
+        if slots is None:
+            slots = [slot[:nbytes].view(array.dtype) for slot in self.small_slots[parity]]
+            self.slot_views = {**self.slot_views, key: slots} if len(self.slot_views) < 64 \
+                else {key: slots}
         flat = array.reshape(-1)
         np.copyto(slots[r], flat)
         self.published[r * 8 + 4 + parity] = nbytes  # the size, double-buffered like the slot
