@@ -12,9 +12,10 @@ class WorkerError(RuntimeError):
                  signal=None):
         self.rank, self.exc_type, self.remote_traceback = rank, exc_type, remote_traceback
         self.exitcode, self.signal = exitcode, signal
-        text = f"rank {rank} failed: {message}"
+        who = "a rank" if rank is None else f"rank {rank}"  # None: MPI could not tell which
+        text = f"{who} failed: {message}"
         if remote_traceback:
-            text += f"\n\n--- traceback of rank {rank} ---\n{remote_traceback.rstrip()}"
+            text += f"\n\n--- traceback of {who} ---\n{remote_traceback.rstrip()}"
         super().__init__(text)
 
 
