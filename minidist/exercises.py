@@ -117,3 +117,246 @@ def check_combine(fn, trials=5, seed=0):
         return Check(name, False, "does not equal the full-batch gradient "
                                   f"(relative error {relative_error(got, want):.2e})")
     return Check(name, True, f"equals the full-batch gradient for {trials} uneven splits")
+
+
+# ---- lesson 3: ring all-reduce over send/recv ---------------------------------------------------
+def _ring_input(seed, rank, n):
+    """Rank `rank`'s array: integers 1..99 as float64: every order of summing is exact, and no
+    partial sum can equal the full one."""
+    return np.random.default_rng([seed, rank, n]).integers(1, 100, size=n).astype(np.float64)
+
+
+def _ranks(p):
+    return f"{p} rank" + "s" * (p != 1)
+
+
+def _ring_trial(comm, fn, sizes, seed):
+    """On each rank: run fn(comm, array) for every size; keep its answer and the traffic."""
+    out = []
+    for n in sizes:
+        array = _ring_input(seed, comm.rank, n)
+        comm.stats.reset()
+        got = fn(comm, array)
+        got = np.array(array if got is None else got, dtype=np.float64, copy=True)
+        builtins = sorted(op for op, s in comm.stats.ops.items() if s.calls and op != "barrier")
+        out.append((got, comm.stats.bytes_sent, comm.stats["send"].messages, builtins))
+    return out
+
+
+def _diagnose_values(p, n, got, inputs, want):
+    """Why the ranks' answers differ from the sum: the common mistakes first."""
+    where = f"with {_ranks(p)} and n = {n} elements"
+    if any(g.shape != want.shape for g in got):
+        shapes = sorted({g.shape for g in got})
+        return f"{where}, every rank should end with shape {want.shape}; got {shapes}"
+    if p > 1 and all(np.array_equal(g, x) for g, x in zip(got, inputs, strict=True)):
+        return f"{where}, every rank still holds its own array: nothing was summed"
+    if p > 1 and all(np.allclose(g, want / p) for g in got):
+        return f"{where}, you computed the mean; the exercise asks for the sum"
+    right = [g == want for g in got]
+    if p > 1 and all(0 < r.sum() <= -(-n // p) for r in right):
+        return (f"{where}, each rank has the full sum in only one chunk (≈ n/p positions): "
+                "that is the reduce-scatter half. Now pass the finished chunks around the ring "
+                "for p − 1 more steps (the all-gather), copying instead of adding")
+    bad = [r for r, ok in enumerate(right) if not ok.all()]
+    r = bad[0]
+    i = int(np.flatnonzero(~right[r])[0])
+    return (f"{where}, rank(s) {bad} end with wrong values; rank {r} is wrong at "
+            f"{int((~right[r]).sum())} of {n} positions (first: index {i}, expected "
+            f"{want[i]:g}, got {got[r][i]:g}). Check which chunk each step sends and adds")
+
+
+def check_ring_all_reduce(fn, world_sizes=(1, 2, 3, 4, 5), sizes=(12, 7, 1001, 2, 1, 0),
+                          timeout=5.0, seed=0):
+    """fn(comm, array) should leave the sum of every rank's `array` on every rank (in place, or
+    returned), using only comm.send / comm.recv and sending no more than a ring's
+    2(p−1)/p·n bytes per rank. Runs on the thread backend; a hang ends after `timeout` s."""
+    from minidist.errors import CommTimeout, WorkerError
+    from minidist.launch import run
+
+    name = "check_ring_all_reduce"
+    for p in world_sizes:
+        try:
+            results = run(_ring_trial, p, args=(fn, tuple(sizes), seed), backend="thread",
+                          timeout=timeout)
+        except CommTimeout as exc:
+            return Check(name, False, f"with {_ranks(p)} the run hung until the {timeout} s "
+                         f"timeout ({exc}). That is a deadlock: some rank waits in recv for a "
+                         "message nobody sends. In each step, first send to the right "
+                         "(send never waits), then recv from the left")
+        except WorkerError as exc:
+            what = str(exc).splitlines()[0].split("failed: ", 1)[-1]
+            return Check(name, False, f"with {_ranks(p)}, rank {exc.rank} raised {what}")
+        except Exception as exc:  # noqa: BLE001 - a checker reports, never raises
+            return Check(name, False, f"with {_ranks(p)} the run failed: "
+                                      f"{type(exc).__name__}: {exc}")
+        for i, n in enumerate(sizes):
+            got, sent, messages, builtins = zip(*(res[i] for res in results), strict=True)
+            inputs = [_ring_input(seed, r, n) for r in range(p)]
+            want = np.sum(inputs, axis=0) if p > 1 else inputs[0]
+            used = sorted(set().union(*builtins))
+            if used:
+                return Check(name, False, f"your function called comm.{', comm.'.join(used)}; "
+                                          "write the ring yourself with comm.send and comm.recv")
+            if not all(g.shape == want.shape and np.array_equal(g, want) for g in got):
+                return Check(name, False, _diagnose_values(p, n, got, inputs, want))
+            limit = 2 * (p - 1) * -(-n // p) * 8  # 2(p−1) chunks of at most ⌈n/p⌉ float64s
+            if max(sent) > limit:
+                r = int(np.argmax(sent))
+                return Check(name, False, f"right values, but with {p} ranks and n = {n} "
+                             f"float64s ({8 * n} bytes) rank {r} sent {sent[r]} bytes; a ring "
+                             f"sends only 2(p−1)/p·n ≈ {2 * (p - 1) * 8 * n // p} bytes per rank. "
+                             "Sending whole arrays (through one rank, or up a tree) is the naive "
+                             "all-reduce: split the array into p chunks, one chunk per message")
+            if max(messages) > 2 * (p - 1):
+                return Check(name, False, f"right values and bytes, but with {p} ranks a rank "
+                             f"sent {max(messages)} messages; a ring needs only 2(p−1) = "
+                             f"{2 * (p - 1)}: send each step's chunk as one message")
+    return Check(name, True, f"the sum on every rank, with ring traffic, for world sizes "
+                             f"{tuple(world_sizes)} and sizes {tuple(sizes)}")
+
+
+# ---- lesson 4: the server's step in distributed gradient descent -------------------------------
+def _uneven_parts(rng, n):
+    """2 to 4 contiguous parts of range(n), not all of the same size."""
+    while True:
+        cuts = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, 4)), replace=False))
+        parts = np.split(np.arange(n), cuts)
+        if len({len(p) for p in parts}) > 1:
+            return parts
+
+
+def check_server_step(fn, trials=5, seed=0):
+    """fn(grads, sizes, theta, lr) should return the server's new parameters after one step of
+    distributed gradient descent: θ − η Σ_k (|B_k|/|B|) ∇L_k, where grads[k] = ∇L_k is worker
+    k's mean gradient over its sizes[k] = |B_k| rows. Checked against the full-batch step."""
+    name = "check_server_step"
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        theta, X, y = _regression_problem(rng, n=int(rng.integers(7, 40)))
+        parts = _uneven_parts(rng, len(y))
+        grads = [X[p].T @ (X[p] @ theta - y[p]) / len(p) for p in parts]
+        sizes, lr = [len(p) for p in parts], float(rng.uniform(0.05, 0.5))
+        got, failed = _call(name, fn, [g.copy() for g in grads], list(sizes), theta.copy(), lr)
+        if failed is not None:
+            return failed
+        full = X.T @ (X @ theta - y) / len(y)  # the gradient of the mean loss over all rows
+        want = theta - lr * full
+        if got.shape != want.shape:
+            return Check(name, False, f"return the new θ, of shape {want.shape}; got {got.shape}")
+        if relative_error(got, want) < 1e-10:
+            continue
+        mistakes = [
+            (theta, "θ came back unchanged: subtract η times the combined gradient"),
+            (theta - lr * np.mean(grads, axis=0), f"a plain mean of the gradients is right only "
+             f"for equal parts; these have sizes {sizes}: weight ∇L_k by |B_k|/|B|"),
+            (theta + lr * full, "you stepped uphill: the update subtracts η·∇L"),
+            (theta - full, "the learning rate is missing: the step is θ − η·∇L"),
+            (full, "you returned the combined gradient; return the new parameters θ − η·∇L"),
+            (theta - lr * np.sum(grads, axis=0), "you added the mean gradients; weight each by "
+             "its share |B_k|/|B| of the batch (the weights must sum to 1)"),
+            (theta - lr * sum(s * g for s, g in zip(sizes, grads, strict=True)),
+             f"the weights must be shares of the batch: divide |B_k| by |B| = {sum(sizes)}"),
+        ]
+        for wrong, hint in mistakes:
+            if relative_error(got, wrong) < 1e-10:
+                return Check(name, False, hint)
+        return Check(name, False, "differs from one full-batch gradient-descent step "
+                                  f"(relative error {relative_error(got, want):.2e}) with parts "
+                                  f"of sizes {sizes} and lr = {lr:.3f}")
+    return Check(name, True, f"one full-batch gradient-descent step for {trials} uneven splits")
+
+
+# ---- lesson 5: data parallelism ----------------------------------------------------------------
+def check_shard_weights(fn, cases=((12, 4), (10, 4), (7, 3), (5, 5), (64, 1), (13, 8), (100, 7))):
+    """fn(batch_size, world_size) should return rank k's weight |B_k|/|B| for every rank, where
+    the batch is cut into contiguous shards as minidist.data.shard_bounds cuts it: the first
+    |B| mod p ranks get one row more."""
+    from minidist.data import shard_bounds
+
+    name = "check_shard_weights"
+    for batch, p in cases:
+        sizes = np.array([hi - lo for lo, hi in (shard_bounds(batch, k, p) for k in range(p))])
+        want = sizes / batch
+        try:
+            got = np.asarray(fn(batch, p), dtype=np.float64).reshape(-1)
+        except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
+            return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+        where = f"with |B| = {batch} rows on p = {p} ranks (shards of {sizes.tolist()} rows)"
+        if got.shape != want.shape:
+            return Check(name, False, f"{where}, return one weight per rank ({p}), "
+                                      f"got {got.size}")
+        if np.allclose(got, want, rtol=1e-12, atol=1e-15):
+            continue
+        if np.allclose(got, sizes):
+            return Check(name, False, f"{where}, you returned the shard sizes {sizes.tolist()}; "
+                                      f"divide by |B| = {batch} so that the weights sum to 1")
+        if np.allclose(got, 1 / p):
+            return Check(name, False, f"{where}, every rank got 1/p; that is right only when p "
+                                      f"divides |B|. Weight rank k by its own share |B_k|/|B|")
+        if np.allclose(np.sort(got), np.sort(want)):
+            return Check(name, False, f"{where}, right weights, wrong ranks: the first "
+                                      f"|B| mod p = {batch % p} ranks hold the extra rows")
+        if not np.isclose(got.sum(), 1.0):
+            return Check(name, False, f"{where}, the weights sum to {got.sum():.4g}, not 1: "
+                                      "every row of the batch must be counted exactly once. "
+                                      "Did integer division drop the remainder?")
+        return Check(name, False, f"{where}, expected {np.round(want, 4).tolist()}, "
+                                  f"got {np.round(got, 4).tolist()}")
+    return Check(name, True, f"|B_k|/|B| for {len(cases)} batches, even and uneven")
+
+
+def _as_bounds(bucket):
+    """(start, stop) of a slice(start, stop) or a (start, stop) pair; ValueError otherwise."""
+    if isinstance(bucket, slice):
+        if bucket.step not in (None, 1):
+            raise ValueError(f"slice {bucket} has a step; buckets are contiguous")
+        return int(bucket.start or 0), int(bucket.stop)
+    start, stop = bucket
+    return int(start), int(stop)
+
+
+def check_bucket_slices(fn, cases=((10, 8, 32), (10, 8, 20), (9610, 8, 4096), (7, 8, 8),
+                                   (5, 8, 1 << 20), (12, 4, 16), (1, 8, 8), (0, 8, 64))):
+    """fn(n_params, itemsize, bucket_bytes) should cut the flat gradient of n_params elements of
+    itemsize bytes into contiguous buckets (slices, in order) of at most bucket_bytes each,
+    covering every element exactly once, with as few buckets as possible (one message each)."""
+    name = "check_bucket_slices"
+    for n, itemsize, limit in cases:
+        where = f"with n = {n} elements of {itemsize} bytes and buckets of at most {limit} bytes"
+        try:
+            bounds = [_as_bounds(b) for b in fn(n, itemsize, limit)]
+        except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
+            return Check(name, False, f"{where}, your function raised {type(exc).__name__}: "
+                                      f"{exc}. Return a list of slice(start, stop)")
+        bounds = [(lo, hi) for lo, hi in bounds if hi > lo]  # empty buckets cost nothing
+        per = limit // itemsize
+        too_big = [(lo, hi) for lo, hi in bounds if (hi - lo) * itemsize > limit]
+        if too_big:
+            lo, hi = too_big[0]
+            hint = (f" round down: {limit} bytes hold only {per} elements"
+                    if hi - lo == per + 1 else
+                    " bucket_bytes counts bytes, not elements: divide it by itemsize")
+            return Check(name, False, f"{where}, bucket {lo}:{hi} holds {(hi - lo) * itemsize} "
+                                      f"bytes.{hint}")
+        covered = np.zeros(n, dtype=int)
+        for lo, hi in bounds:
+            covered[max(lo, 0):min(hi, n)] += 1
+        if any(lo < 0 or hi > n for lo, hi in bounds):
+            return Check(name, False, f"{where}, a bucket reaches outside 0:{n}: clip the last "
+                                      "one at n")
+        if (covered > 1).any():
+            return Check(name, False, f"{where}, element {int(np.argmax(covered > 1))} is in two "
+                                      "buckets: each bucket starts where the previous stops")
+        if (covered == 0).any():
+            first = int(np.argmax(covered == 0))
+            tail = " (the last, partial bucket is missing)" if first > n - per else ""
+            return Check(name, False, f"{where}, element {first} is in no bucket{tail}")
+        if bounds != sorted(bounds):
+            return Check(name, False, f"{where}, list the buckets in order along the buffer")
+        fewest = -(-n // per)
+        if len(bounds) > fewest:
+            return Check(name, False, f"{where}, {len(bounds)} buckets where {fewest} suffice: "
+                                      f"fill each one up to {per} elements (one message each)")
+    return Check(name, True, f"contiguous buckets, each at most bucket_bytes, covering every "
+                             f"element once, for {len(cases)} cases")

@@ -1,3 +1,6 @@
+import functools
+import time
+
 import numpy as np
 
 from minidist import exercises
@@ -33,3 +36,182 @@ def test_check_combine():
     assert exercises.check_combine(weighted)
     plain = exercises.check_combine(lambda grads, sizes: np.mean(grads, axis=0))
     assert not plain and "weight" in plain.message
+
+
+def ring_all_reduce(comm, array, per_element=False):
+    """A correct ring: reduce-scatter then all-gather, chunks as np.array_split makes them.
+    per_element: the same traffic in one message per element (right, but chatty)."""
+    p, r = comm.world_size, comm.rank
+    right, left = (r + 1) % p, (r - 1) % p
+    chunks = np.array_split(array, p)  # views into array
+
+    def send(chunk):
+        for piece in [chunk[i:i + 1] for i in range(len(chunk))] if per_element else [chunk]:
+            comm.send(piece, right)
+
+    def recv(like):
+        return np.array([comm.recv(left)[0] for _ in like]) if per_element else comm.recv(left)
+
+    for step in range(p - 1):  # reduce-scatter
+        send(chunks[(r - step) % p])
+        mine = chunks[(r - step - 1) % p]
+        mine += recv(mine)
+    for step in range(p - 1):  # all-gather
+        send(chunks[(r + 1 - step) % p])
+        mine = chunks[(r - step) % p]
+        mine[...] = recv(mine)
+    return array
+
+
+def naive_all_reduce(comm, array):
+    if comm.rank == 0:
+        for src in range(1, comm.world_size):
+            array += comm.recv(src)
+        for dst in range(1, comm.world_size):
+            comm.send(array, dst)
+    else:
+        comm.send(array, 0)
+        array[...] = comm.recv(0)
+    return array
+
+
+def half_ring(comm, array):  # the reduce-scatter only
+    p, r = comm.world_size, comm.rank
+    chunks = np.array_split(array, p)
+    for step in range(p - 1):
+        comm.send(chunks[(r - step) % p], (r + 1) % p)
+        chunks[(r - step - 1) % p] += comm.recv((r - 1) % p)
+    return array
+
+
+def deadlock(comm, array):
+    for _ in range(comm.world_size - 1):
+        array += comm.recv((comm.rank - 1) % comm.world_size)  # everyone waits, nobody sends
+        comm.send(array, (comm.rank + 1) % comm.world_size)
+    return array
+
+
+def test_check_ring_all_reduce_passes_a_ring():
+    result = exercises.check_ring_all_reduce(ring_all_reduce)
+    assert result and "✔" in repr(result)
+
+
+def test_check_ring_all_reduce_explains_wrong_answers():
+    def mean(comm, array):
+        return ring_all_reduce(comm, array) / comm.world_size
+
+    cases = {
+        "naive all-reduce": naive_all_reduce,
+        "all-gather": half_ring,
+        "nothing was summed": lambda comm, array: array,
+        "the mean": mean,
+        "comm.all_reduce": lambda comm, array: comm.all_reduce(array),
+        "raised ZeroDivisionError": lambda comm, array: 1 / 0,
+        "wrong at": lambda comm, array: ring_all_reduce(comm, array) + (comm.rank == 2),
+        "2(p−1) = 2": functools.partial(ring_all_reduce, per_element=True),
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_ring_all_reduce(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_check_ring_all_reduce_names_a_deadlock_quickly():
+    start = time.perf_counter()
+    result = exercises.check_ring_all_reduce(deadlock, timeout=0.5)
+    assert not result and "deadlock" in result.message and "send" in result.message
+    assert time.perf_counter() - start < 5
+
+
+def test_check_server_step_passes_the_right_answer_and_explains_wrong_ones():
+    def step(grads, sizes, theta, lr):
+        total = sum(sizes)
+        return theta - lr * sum(n / total * g for g, n in zip(grads, sizes, strict=True))
+
+    right = exercises.check_server_step(step)
+    assert right and "✔" in repr(right)
+
+    def weighted(grads, sizes):
+        return sum(n / sum(sizes) * g for g, n in zip(grads, sizes, strict=True))
+
+    cases = {
+        "plain mean": lambda g, s, t, lr: t - lr * np.mean(g, axis=0),
+        "uphill": lambda g, s, t, lr: t + lr * weighted(g, s),
+        "learning rate is missing": lambda g, s, t, lr: t - weighted(g, s),
+        "returned the combined gradient": lambda g, s, t, lr: weighted(g, s),
+        "added the mean gradients": lambda g, s, t, lr: t - lr * np.sum(g, axis=0),
+        "divide |B_k| by |B|": lambda g, s, t, lr: t - lr * (np.array(s) @ np.array(g)),
+        "unchanged": lambda g, s, t, lr: t,
+        "shape": lambda g, s, t, lr: np.stack(g),
+        "raised ZeroDivisionError": lambda g, s, t, lr: 1 / 0,
+        "relative error": lambda g, s, t, lr: t - lr * weighted(g, s) + 1e-3,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_server_step(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def shard_weights(batch_size, world_size):
+    base, extra = divmod(batch_size, world_size)
+    return [(base + (k < extra)) / batch_size for k in range(world_size)]
+
+
+def test_check_shard_weights_passes_the_right_answer_and_explains_wrong_ones():
+    assert exercises.check_shard_weights(shard_weights)
+    cases = {
+        "1/p": lambda b, p: [1 / p] * p,
+        "shard sizes": lambda b, p: [w * b for w in shard_weights(b, p)],
+        "wrong ranks": lambda b, p: shard_weights(b, p)[::-1],
+        "sum to": lambda b, p: [(b // p) / b] * p if b % p else [1 / p] * p,
+        "one weight per rank": lambda b, p: [1.0],
+        "raised ZeroDivisionError": lambda b, p: 1 / 0,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_shard_weights(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def bucket_slices(n, itemsize, bucket_bytes):
+    per = bucket_bytes // itemsize
+    return [slice(start, min(start + per, n)) for start in range(0, n, per)]
+
+
+def test_check_bucket_slices_passes_the_right_answer_and_explains_wrong_ones():
+    assert exercises.check_bucket_slices(bucket_slices)
+    pairs = lambda n, s, b: [(x.start, x.stop) for x in bucket_slices(n, s, b)]  # noqa: E731
+    assert exercises.check_bucket_slices(pairs)  # (start, stop) pairs are fine too
+
+    def elements(n, itemsize, bucket_bytes):  # bytes taken for elements
+        return [slice(s, min(s + bucket_bytes, n)) for s in range(0, n, bucket_bytes)]
+
+    def round_up(n, itemsize, bucket_bytes):
+        per = -(-bucket_bytes // itemsize)
+        return [slice(s, min(s + per, n)) for s in range(0, n, per)]
+
+    def drop_last(n, itemsize, bucket_bytes):
+        per = bucket_bytes // itemsize
+        return [slice(k * per, (k + 1) * per) for k in range(n // per)]
+
+    def overlap(n, itemsize, bucket_bytes):
+        per = bucket_bytes // itemsize
+        return [slice(max(0, s - 1), min(s + per - 1, n)) for s in range(0, n, per - 1 or 1)]
+
+    def past_the_end(n, itemsize, bucket_bytes):
+        per = bucket_bytes // itemsize
+        return [slice(s, s + per) for s in range(0, n, per)]
+
+    def one_each(n, itemsize, bucket_bytes):
+        return [slice(i, i + 1) for i in range(n)]
+
+    cases = {
+        "counts bytes, not elements": elements,
+        "round down": round_up,
+        "last, partial bucket is missing": drop_last,
+        "in two buckets": overlap,
+        "outside": past_the_end,
+        "suffice": one_each,
+        "in order": lambda n, s, b: bucket_slices(n, s, b)[::-1],
+        "raised TypeError": lambda n, s, b: [slice(0, n, 2)] + None,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_bucket_slices(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)

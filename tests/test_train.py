@@ -80,7 +80,7 @@ def digits_reference():
     return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["thread", "process"])
+@pytest.mark.parametrize("backend", ["thread", "process", "mpi"])
 @pytest.mark.parametrize("strategy", ["distributed_gd", "data_parallel"])
 @pytest.mark.parametrize("workers", [1, 2, 3, 4, 8])
 def test_synchronous_strategies_reproduce_single(digits_reference, strategy, workers, backend):

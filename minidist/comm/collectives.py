@@ -173,7 +173,7 @@ def all_gather_ring(comm, array):
 def reduce_scatter_ring(comm, array, op):
     """The first half of ring all-reduce: this rank's chunk of rows of the reduced array."""
     work = array.copy()
-    rows = work.reshape(len(work), -1)
+    rows = work.reshape(len(work), int(np.prod(work.shape[1:])))  # also for zero rows
     _ring_reduce_scatter(comm, rows, UFUNCS[op])
     start, stop = shard_bounds(len(work), comm.rank, comm.world_size)
     mine = work[start:stop].copy()

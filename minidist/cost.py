@@ -1,0 +1,277 @@
+"""Cost models for the collectives in `minidist/comm/collectives.py`.
+
+Three questions, three tools:
+
+- How many bytes does each rank send and receive?  `bytes_per_rank` / `messages_per_rank`
+  answer *exactly* (the numbers `comm.stats` records), from the algorithms' message patterns.
+- How long should it take?  `time` evaluates the α-β-γ model: α seconds per message, β seconds
+  per byte sent, γ seconds per byte reduced (Thakur, Rabenseifner & Gropp, "Optimization of
+  collective communication operations in MPICH", IJHPCA 19(1), 2005).
+- What are α and β here?  `measure_ping_pong` times a two-rank ping-pong and `fit_alpha_beta`
+  fits t = α + β·n to it; `measure_gamma` times one numpy addition.
+
+`alg_bandwidth` and `bus_bandwidth` report speeds as the NCCL tests do (doc/PERFORMANCE.md).
+"""
+
+import statistics
+from time import perf_counter
+
+import numpy as np
+
+from minidist.data import shard_bounds
+
+ALGORITHMS = {  # the algorithms written in collectives.py; the first is the default
+    "all_reduce": ("ring", "naive", "tree", "recursive_doubling"),
+    "broadcast": ("tree",),
+    "reduce": ("tree",),
+    "all_gather": ("ring",),
+    "reduce_scatter": ("ring",),
+    "gather": ("direct",),
+    "scatter": ("direct",),
+    "barrier": ("dissemination",),
+}
+BUS_FACTOR = {  # busBW = algBW × factor(p)  (NCCL tests)
+    "all_reduce": lambda p: 2 * (p - 1) / p,
+    "all_gather": lambda p: (p - 1) / p,
+    "reduce_scatter": lambda p: (p - 1) / p,
+    "gather": lambda p: (p - 1) / p,
+    "scatter": lambda p: (p - 1) / p,
+    "broadcast": lambda p: 1.0,
+    "reduce": lambda p: 1.0,
+    "send": lambda p: 1.0,
+}
+
+
+def _check(collective, algorithm, world_size):
+    if collective not in ALGORITHMS:
+        raise ValueError(f"unknown collective {collective!r}; allowed: {', '.join(ALGORITHMS)}")
+    algorithm = ALGORITHMS[collective][0] if algorithm is None else algorithm
+    if algorithm not in ALGORITHMS[collective]:
+        raise ValueError(f"unknown algorithm {algorithm!r} for {collective}; allowed: "
+                         f"{', '.join(ALGORITHMS[collective])}")
+    if not isinstance(world_size, (int, np.integer)) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    return algorithm
+
+
+def rounds(p):
+    """⌈lg p⌉: the depth of a binomial tree over p ranks (0 for p = 1)."""
+    return (int(p) - 1).bit_length()
+
+
+def tree_children(me, p):
+    """Children of relative rank `me` in the binomial tree rooted at 0: me + 2^k for every 2^k
+    below me's lowest set bit (every 2^k < p for the root), as long as me + 2^k < p."""
+    low = me & -me if me else 1 << rounds(p)
+    return [me + (1 << k) for k in range(low.bit_length() - 1) if me + (1 << k) < p]
+
+
+def _traffic(collective, algorithm, count, itemsize, p, root):
+    """[(bytes sent, bytes received, messages sent)] per rank, following collectives.py."""
+    shape = (int(count),) if np.ndim(count) == 0 else tuple(int(s) for s in count)
+    n = int(np.prod(shape)) * itemsize  # bytes in the array each rank passes
+    if algorithm == "tree":  # binomial trees (all_reduce: reduce to rank 0, broadcast from it)
+        out = []
+        for r in range(p):
+            me = (r - root) % p if collective != "all_reduce" else r
+            kids = len(tree_children(me, p))
+            down = (kids * n, n if me else 0, kids)  # broadcast: get it once, pass it on
+            up = (n if me else 0, kids * n, 1 if me else 0)  # reduce: the same tree reversed
+            both = tuple(a + b for a, b in zip(down, up, strict=True))
+            out.append({"broadcast": down, "reduce": up, "all_reduce": both}[collective])
+        return out
+    if algorithm == "naive":  # everything goes through rank 0, there and back
+        return [((p - 1) * n, (p - 1) * n, p - 1)] + [(n, n, 1)] * (p - 1)
+    if algorithm == "recursive_doubling":
+        steps = p.bit_length() - 1  # lg q, q = 2^⌊lg p⌋
+        rem = p - (1 << steps)  # ranks 0..2rem-1 pair up first; the even ones sit out
+        per = [1 if r < 2 * rem and r % 2 == 0 else steps + (r < 2 * rem) for r in range(p)]
+        return [(k * n, k * n, k) for k in per]
+    if collective == "all_gather":  # p rows (one per rank) round the ring: all but one each way
+        return [((p - 1) * n, (p - 1) * n, p - 1)] * p
+    if algorithm == "ring":  # chunks of rows: all_reduce splits every element
+        if collective == "all_reduce":
+            rows, row = n // itemsize, itemsize
+        elif not shape:
+            raise ValueError("reduce_scatter needs an array with at least one axis")
+        else:
+            rows, row = shape[0], (n // shape[0] if shape[0] else 0)
+        chunk = [(hi - lo) * row for lo, hi in (shard_bounds(rows, c, p) for c in range(p))]
+        # reduce-scatter: send every chunk but my own, receive every chunk but my left's
+        rs = [(n - chunk[r], n - chunk[(r - 1) % p]) for r in range(p)]
+        if collective == "reduce_scatter":
+            return [(s, g, p - 1) for s, g in rs]
+        # all-gather: send every chunk but my right's, receive every chunk but my own
+        return [(s + n - chunk[(r + 1) % p], g + n - chunk[r], 2 * (p - 1))
+                for r, (s, g) in enumerate(rs)]
+    if collective == "gather":  # n: one rank's contribution
+        return [(0, (p - 1) * n, 0) if r == root else (n, 0, 1) for r in range(p)]
+    if collective == "scatter":  # n: one rank's row of the root's (p, ...) array
+        return [((p - 1) * n, 0, p - 1) if r == root else (0, n, 0) for r in range(p)]
+    return [(0, 0, rounds(p))] * p  # barrier: ⌈lg p⌉ empty messages
+
+
+def bytes_per_rank(collective, algorithm, count, itemsize, world_size, root=0):
+    """[(bytes sent, bytes received)] for each rank, exactly as `comm.stats` counts them.
+
+    count: elements in the array each rank passes, or its shape (all_gather, gather: one rank's
+    contribution; scatter: one rank's row). For reduce_scatter pass the shape: it splits rows
+    of axis 0 (an int means that many rows of one element). Chunks are uneven as in
+    `data.shard_bounds`. Ring all-reduce, rank r, chunk sizes c_k (bytes, Σ c_k = n):
+    sent = (n − c_r) + (n − c_{r+1}), received = (n − c_{r−1}) + (n − c_r); 2(p−1)/p·n each
+    when p divides n.
+    """
+    algorithm = _check(collective, algorithm, world_size)
+    return [(s, g) for s, g, _ in _traffic(collective, algorithm, count, int(itemsize),
+                                           int(world_size), int(root) % int(world_size))]
+
+
+def messages_per_rank(collective, algorithm, count, itemsize, world_size, root=0):
+    """Messages each rank sends (empty ones included), as `comm.stats[...].messages`."""
+    algorithm = _check(collective, algorithm, world_size)
+    return [m for _, _, m in _traffic(collective, algorithm, count, int(itemsize),
+                                      int(world_size), int(root) % int(world_size))]
+
+
+def time(collective, algorithm, nbytes, world_size, alpha, beta, gamma=0.0):
+    """Predicted seconds in the α-β-γ model (Thakur, Rabenseifner & Gropp 2005).
+
+    p ranks, n = nbytes, L = ⌈lg p⌉, q = 2^⌊lg p⌋. n is the all-reduce / broadcast / reduce
+    buffer, the all-gather / gather output (p × one rank's array), the reduce-scatter / scatter
+    input (as in the NCCL tests and the paper):
+
+        all_reduce  naive               2(p−1)(α + nβ) + (p−1)nγ      (the root, serialized)
+        all_reduce  tree                L(2α + 2nβ + nγ)              (reduce, then broadcast)
+        all_reduce  recursive_doubling  lg q·(α + nβ + nγ) + [p ≠ q](2α + 2nβ + nγ)
+        all_reduce  ring                2(p−1)α + 2n(p−1)/p·β + n(p−1)/p·γ
+        broadcast   tree                L(α + nβ)
+        reduce      tree                L(α + nβ + nγ)
+        all_gather  ring                (p−1)α + n(p−1)/p·β
+        reduce_scatter ring             (p−1)α + n(p−1)/p·(β + γ)
+        gather, scatter                 (p−1)α + n(p−1)/p·β           (the root, serialized)
+        barrier     dissemination       Lα
+    """
+    algorithm = _check(collective, algorithm, world_size)
+    p, n, a, b, g = int(world_size), float(nbytes), alpha, beta, gamma
+    L, part = rounds(p), n * (p - 1) / p
+    if collective == "all_reduce":
+        if algorithm == "naive":
+            return 2 * (p - 1) * (a + n * b) + (p - 1) * n * g
+        if algorithm == "tree":
+            return L * (2 * a + 2 * n * b + n * g)
+        if algorithm == "recursive_doubling":
+            q = p.bit_length() - 1
+            return q * (a + n * b + n * g) + (p != 1 << q) * (2 * a + 2 * n * b + n * g)
+        return 2 * (p - 1) * a + 2 * part * b + part * g
+    if collective == "broadcast":
+        return L * (a + n * b)
+    if collective == "reduce":
+        return L * (a + n * b + n * g)
+    if collective == "reduce_scatter":
+        return (p - 1) * a + part * (b + g)
+    if collective == "barrier":
+        return L * a
+    return (p - 1) * a + part * b  # all_gather, gather, scatter
+
+
+def alg_bandwidth(nbytes, seconds):
+    """algBW = n / t, in bytes per second."""
+    return float(nbytes) / float(seconds)
+
+
+def bus_bandwidth(collective, nbytes, seconds, world_size):
+    """busBW = algBW × 2(p−1)/p for all-reduce, × (p−1)/p for all-gather, reduce-scatter,
+    gather, scatter, × 1 for broadcast, reduce and send: comparable with the link's speed.
+    n as in `time` (the all-gather's output, the reduce-scatter's input)."""
+    if collective not in BUS_FACTOR:
+        raise ValueError(f"no bus bandwidth for {collective!r}; allowed: {', '.join(BUS_FACTOR)}")
+    return alg_bandwidth(nbytes, seconds) * BUS_FACTOR[collective](int(world_size))
+
+
+def fit_alpha_beta(nbytes, seconds, relative=True):
+    """(α, β) ≥ 0 minimizing Σ w_i (α + β n_i − t_i)², w_i = 1/t_i² when `relative` (every size
+    counts alike: a 1 µs error matters at 8 bytes, not at 8 MB), else w_i = 1.
+
+    Two unknowns: the best fit is the unconstrained one if it is non-negative, else the best
+    with α = 0 or β = 0 (the optimum of a convex problem on a quadrant lies on a face)."""
+    n, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
+    if n.shape != t.shape or n.ndim != 1 or len(n) < 2:
+        raise ValueError(f"need two equal-length 1-D sequences of >= 2 points, got shapes "
+                         f"{n.shape} and {t.shape}")
+    floor = max(float(np.abs(t).max()) * 1e-9, 1e-30)  # a zero time gets a finite weight
+    w = 1 / np.maximum(t, floor) ** 2 if relative else np.ones_like(t)
+    sse = lambda a, b: float(np.sum(w * (a + b * n - t) ** 2))  # noqa: E731
+    A = np.stack([np.ones_like(n), n], axis=1) * np.sqrt(w)[:, None]
+    a, b = np.linalg.lstsq(A, t * np.sqrt(w), rcond=None)[0]
+    if a >= 0 and b >= 0:
+        return float(a), float(b)
+    candidates = [(0.0, max(0.0, float(np.sum(w * n * t) / max(np.sum(w * n * n), 1e-300)))),
+                  (max(0.0, float(np.sum(w * t) / np.sum(w))), 0.0)]
+    return min(candidates, key=lambda ab: sse(*ab))
+
+
+PING_PONG_SIZES = tuple(4**k for k in range(12))  # 1 B … 4 MiB
+
+
+def _ping_pong(comm, sizes, repeats, warmup):
+    """Rank 0 sends n bytes to rank 1, which sends them back; half the round trip, median."""
+    medians = []
+    for nbytes in sizes:
+        buf, times = np.zeros(nbytes, dtype=np.uint8), []
+        for i in range(warmup + repeats):
+            if comm.rank == 0:
+                start = perf_counter()
+                comm.send(buf, 1)
+                comm.recv(1)
+                if i >= warmup:
+                    times.append((perf_counter() - start) / 2)
+            elif comm.rank == 1:
+                comm.send(comm.recv(0), 0)
+        medians.append(statistics.median(times) if times else None)
+    return medians
+
+
+def measure_ping_pong(backend="process", sizes=PING_PONG_SIZES, repeats=15, warmup=3,
+                      timeout=60.0):
+    """Two ranks on `backend` bounce messages of each size; returns (sizes in bytes, median
+    one-way seconds) as arrays, ready for `fit_alpha_beta`."""
+    from minidist.launch import run
+
+    sizes = [int(s) for s in sizes]
+    times = run(_ping_pong, 2, args=(sizes, int(repeats), int(warmup)), backend=backend,
+                timeout=timeout)[0]
+    return np.array(sizes), np.array(times, dtype=float)
+
+
+def measure_gamma(nbytes=2**22, dtype=np.float64, repeats=5):
+    """γ: seconds per byte for `np.add(a, b, out=a)` on arrays of `nbytes` (median)."""
+    a = np.ones(max(1, nbytes // np.dtype(dtype).itemsize), dtype=dtype)
+    b, times = a.copy(), []
+    for _ in range(repeats):
+        start = perf_counter()
+        np.add(a, b, out=a)
+        times.append(perf_counter() - start)
+    return statistics.median(times) / a.nbytes
+
+
+def _time_collective(comm, collective, algorithm, count, dtype, repeats):
+    x = np.ones(count, dtype=dtype)
+    seconds = []
+    for _ in range(repeats + 1):  # the first call warms up
+        comm.barrier()
+        start = perf_counter()
+        getattr(comm, collective)(x, algorithm=algorithm)
+        seconds.append(perf_counter() - start)
+    return seconds[1:]
+
+
+def measure_collective(collective, algorithm, nbytes, world_size, backend="process",
+                       repeats=5, dtype=np.float64, timeout=60.0):
+    """Median over `repeats` of the slowest rank's seconds for one call (all_reduce, broadcast
+    or all_gather with an explicit algorithm) on arrays of `nbytes`."""
+    from minidist.launch import run
+
+    count = int(nbytes) // np.dtype(dtype).itemsize
+    per_rank = run(_time_collective, world_size, backend=backend, timeout=timeout,
+                   args=(collective, algorithm, count, dtype, int(repeats)))
+    return statistics.median(np.max(per_rank, axis=0))
