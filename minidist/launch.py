@@ -37,7 +37,8 @@ def run(fn, world_size, args=(), kwargs=None, backend="process", timeout=60.0, d
     if backend == "thread":
         from minidist.comm.thread import run_threads
 
-        return run_threads(fn, int(world_size), tuple(args), kwargs, timeout, debug)
+        return run_threads(fn, int(world_size), tuple(args), kwargs, timeout, debug,
+                           threads_per_rank)
     if backend == "process":
         from minidist.comm.process_launcher import run_processes
 

@@ -26,7 +26,8 @@ class History:
     """What a training run leaves behind: final parameters and per-step measurements.
 
     loss: the global-batch mean loss per step. step_time, compute_time, comm_time: rank 0's
-    seconds per step. bytes_sent: each rank's payload bytes, over the whole run.
+    seconds per step. bytes_sent: each rank's payload bytes over the training (stats: the same
+    per operation: bytes, messages, calls, seconds).
     """
 
     strategy: str
@@ -40,6 +41,7 @@ class History:
     bytes_sent: list = field(default_factory=list)
     backend: str = "none"
     options: dict = field(default_factory=dict)
+    stats: list = field(default_factory=list)  # per rank: comm.stats.as_dict() of the training
 
     def model(self):
         """A fresh model holding the final parameters."""
@@ -110,7 +112,7 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
                    params=first["params"], loss=first["loss"], step_time=first["step_time"],
                    compute_time=first["compute_time"], comm_time=first["comm_time"],
                    bytes_sent=[r["bytes_sent"] for r in ranks], backend=backend,
-                   options={**defaults, **strategy_options})
+                   options={**defaults, **strategy_options}, stats=[r["stats"] for r in ranks])
 
 
 def _check_finite(losses, lr):

@@ -52,14 +52,16 @@ def test_notebook_functions_run_under_every_start_method(start_method, leaves_no
     assert lambda_results == [0, 10]
 
 
-def test_each_rank_limits_blas_threads_to_one(leaves_nothing_behind):
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_each_rank_limits_blas_threads_to_one(backend, leaves_nothing_behind):
     def blas_threads(comm):
         from threadpoolctl import threadpool_info
 
         return [pool["num_threads"] for pool in threadpool_info()]
 
-    for threads in run(blas_threads, 2, backend="process"):
+    for threads in run(blas_threads, 2, backend=backend):
         assert threads and set(threads) == {1}
+    assert run(blas_threads, 1, backend=backend, threads_per_rank=2)[0][0] == min(2, os.cpu_count())
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])

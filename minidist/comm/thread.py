@@ -9,6 +9,8 @@ import time
 import traceback
 from collections import defaultdict, deque
 
+from threadpoolctl import threadpool_limits
+
 from minidist.comm.collectives import UFUNCS
 from minidist.comm.communicator import Communicator, deadline_error
 from minidist.data import shard_bounds
@@ -126,8 +128,17 @@ class ThreadCommunicator(Communicator):
                            received=0 if root else array.nbytes)
         return array
 
-def run_threads(fn, world_size, args, kwargs, timeout, debug):
-    """Run fn(comm, *args, **kwargs) on `world_size` threads; results in rank order."""
+def run_threads(fn, world_size, args, kwargs, timeout, debug, threads=1):
+    """Run fn(comm, *args, **kwargs) on `world_size` threads; results in rank order.
+
+    BLAS may use `threads` threads per call while the ranks run (the limit is process-wide and
+    restored afterwards): p ranks each starting a BLAS pool would oversubscribe the cores.
+    """
+    with threadpool_limits(limits=threads):
+        return _run_threads(fn, world_size, args, kwargs, timeout, debug)
+
+
+def _run_threads(fn, world_size, args, kwargs, timeout, debug):
     world = ThreadWorld(world_size)
     results, failures, lock = [None] * world_size, [], threading.Lock()
     snapshot = {}

@@ -9,7 +9,7 @@ and every replica takes the same optimizer step.
 
 
 from minidist.data import shard_bounds
-from minidist.parallel.job import Clock, global_losses, report
+from minidist.parallel.job import Clock, report
 
 OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto"}
 
@@ -59,7 +59,7 @@ def worker(comm, job):
             clock.timed("comm", comm.all_reduce, synced[bucket], "sum", options["algorithm"])
         clock.timed("compute", optimizer.step, synced)
         clock.end()
-    return report(comm, model.params, global_losses(comm, weighted_losses), clock)
+    return report(comm, model.params, weighted_losses, clock)
 
 
 def _add_scaled(total, grads, share):

@@ -66,15 +66,13 @@ class Clock:
         return result
 
 
-def global_losses(comm, weighted_losses):
-    """Per-step global-batch loss Σ_k (|B_k|/|B|) L_k: one all-reduce after training, not one
-    per step, so the loss bookkeeping does not disturb the timings."""
-    losses = np.array(weighted_losses, dtype=np.float64)
-    return comm.all_reduce(losses, algorithm="ring")
-
-
-def report(comm, params, losses, clock):
-    """What a rank returns to train()."""
+def report(comm, params, weighted_losses, clock):
+    """What a rank returns to train(). The bytes are the training's own: taken before the one
+    all-reduce that adds up the per-step losses Σ_k (|B_k|/|B|) L_k for the History (done once
+    at the end, not every step, so the bookkeeping does not disturb the timings)."""
+    stats = comm.stats.as_dict()
+    bytes_sent = comm.stats.bytes_sent
+    losses = comm.all_reduce(np.array(weighted_losses, dtype=np.float64), algorithm="ring")
     return {"params": params.copy(), "loss": losses, "step_time": clock.step,
             "compute_time": clock.compute, "comm_time": clock.comm,
-            "bytes_sent": comm.stats.bytes_sent, "stats": comm.stats.as_dict()}
+            "bytes_sent": bytes_sent, "stats": stats}

@@ -1,0 +1,95 @@
+import matplotlib
+import numpy as np
+import pytest
+
+from minidist import widgets
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# α, β given: no ping-pong measurement; a few steps keep every test well under a second
+FAST = {"steps": 8, "alpha": 2e-5, "beta": 1e-9}
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def result():
+    return widgets.data_parallel_experiment(4, batch_size=30, lr=0.1, **FAST)
+
+
+def test_data_parallel_experiment_shapes(result):
+    counts = len(result.workers)
+    assert list(result.workers) == [1, 2, 3, 4]
+    assert result.loss.shape == (counts, FAST["steps"])
+    for name in ("compute_time", "comm_time", "step_time", "speedup", "predicted_time",
+                 "predicted_speedup", "comm_share"):
+        values = getattr(result, name)
+        assert values.shape == (counts,) and np.all(np.isfinite(values)), name
+    assert result.grad_bytes == (64 * 128 + 128 + 128 * 10 + 10) * 8
+    assert result.settings["batch_size"] == 30 and result.settings["backend"] == "thread"
+
+
+def test_every_worker_count_computes_the_same_sgd(result):
+    # 30 is not divisible by 4: uneven shards are weighted, so the curves still agree
+    np.testing.assert_allclose(result.loss, np.broadcast_to(result.loss[0], result.loss.shape),
+                               rtol=1e-10, atol=0)
+
+
+def test_speedups(result):
+    assert result.speedup[0] == 1.0 and result.predicted_speedup[0] == 1.0
+    assert np.all(result.predicted_speedup <= result.workers + 1e-12)
+    assert np.all(result.predicted_speedup > 0) and np.all(result.speedup > 0)
+
+
+def test_prediction_follows_the_alpha_beta_model():
+    # zero communication cost: the prediction is the ideal p (or the number of cores)
+    free = widgets.data_parallel_experiment([2, 4], batch_size=16, lr=0.1, steps=3, alpha=0.0,
+                                            beta=0.0)
+    np.testing.assert_allclose(free.predicted_speedup, [1, 2, 4])
+    capped = widgets.data_parallel_experiment([4], batch_size=16, lr=0.1, steps=3, alpha=0.0,
+                                              beta=0.0, cores=2)
+    np.testing.assert_allclose(capped.predicted_speedup, [1, 2])
+    # costly messages: more workers predicted slower; smaller buckets, more messages, slower
+    slow = widgets.data_parallel_experiment([2], batch_size=16, lr=0.1, steps=3, alpha=1.0,
+                                            beta=0.0)
+    assert slow.predicted_speedup[1] < 1
+    many = widgets.data_parallel_experiment([2], batch_size=16, lr=0.1, steps=3, alpha=1e-3,
+                                            beta=0.0, bucket_bytes=8 * 1000)
+    assert many.predicted_time[1] - many.compute_time[0] / 2 == pytest.approx(10 * 2e-3)
+
+
+def test_plot_data_parallel_has_three_panels(result):
+    fig = widgets.plot_data_parallel(result)
+    assert len(fig.axes) == 3
+    assert len(fig.axes[0].get_lines()) == len(result.workers)
+
+
+def test_explorer_builds_without_a_display():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    panel = widgets.data_parallel_explorer(steps=3, alpha=1e-5, beta=1e-9)
+    assert isinstance(panel, ipywidgets.VBox)
+    sliders = {c.description: c for c in panel.children[0].children}
+    assert set(sliders) == {"workers", "global batch", "learning rate"}
+    assert (sliders["workers"].min, sliders["workers"].max) == (1, 8)
+    assert isinstance(panel.children[1], ipywidgets.Output)
+    sliders["workers"].value = 2  # the callback re-runs the experiment; it must not raise
+
+
+def test_linear_scaling_rule_tracks_the_small_batch_curve():
+    runs = widgets.linear_scaling_experiment(base_batch=16, k=4, base_lr=0.05, warmup_steps=5,
+                                             samples=4800)
+    small, unscaled, scaled = runs
+    assert [r.batch_size for r in runs] == [16, 64, 64]
+    for run in runs:
+        assert run.samples[-1] == 4800 and len(run.loss) == len(run.samples) == len(run.lr)
+    assert unscaled.lr.max() == 0.05 and scaled.lr[-1] == pytest.approx(0.2)
+    assert scaled.lr[0] < scaled.lr[-1]  # the warm-up starts low
+    gap = lambda run: abs(run.final_loss - small.final_loss)  # noqa: E731
+    assert gap(scaled) < gap(unscaled)
+    fig = widgets.plot_linear_scaling(runs)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 3
