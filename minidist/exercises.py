@@ -316,7 +316,7 @@ def _as_bounds(bucket):
     return int(start), int(stop)
 
 
-def check_bucket_slices(fn, cases=((10, 8, 32), (10, 8, 20), (9610, 8, 4096), (7, 8, 8),
+def check_bucket_slices(fn, cases=((100, 8, 32), (10, 8, 20), (9610, 8, 4096), (7, 8, 8),
                                    (5, 8, 1 << 20), (12, 4, 16), (1, 8, 8), (0, 8, 64))):
     """fn(n_params, itemsize, bucket_bytes) should cut the flat gradient of n_params elements of
     itemsize bytes into contiguous buckets (slices, in order) of at most bucket_bytes each,
@@ -334,9 +334,9 @@ def check_bucket_slices(fn, cases=((10, 8, 32), (10, 8, 20), (9610, 8, 4096), (7
         too_big = [(lo, hi) for lo, hi in bounds if (hi - lo) * itemsize > limit]
         if too_big:
             lo, hi = too_big[0]
-            hint = (f" round down: {limit} bytes hold only {per} elements"
-                    if hi - lo == per + 1 else
-                    " bucket_bytes counts bytes, not elements: divide it by itemsize")
+            hint = {per + 1: f" Round down: {limit} bytes hold only {per} elements",
+                    limit: " bucket_bytes counts bytes, not elements: divide it by itemsize"}
+            hint = hint.get(hi - lo, f" A bucket may hold at most {per} elements")
             return Check(name, False, f"{where}, bucket {lo}:{hi} holds {(hi - lo) * itemsize} "
                                       f"bytes.{hint}")
         covered = np.zeros(n, dtype=int)

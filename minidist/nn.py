@@ -8,6 +8,11 @@ parameter-server shard is a slice and a checkpoint is one array.
     model = mlp([64, 128, 10], seed=0)
     loss = model.loss_and_grad(X, y)     # fills model.grads with ∂L/∂θ
     model.params -= 0.1 * model.grads    # one gradient-descent step
+
+A model built with device="cuda" (or after `kernels.use("cuda")`) holds `params` and `grads` as
+device arrays: activations and gradients stay on the GPU, only the input batch goes over and the
+loss (one number) comes back. Each op comes from `kernels.ops_for(...)` of its inputs, so a layer
+runs wherever its data lives.
 """
 
 import numpy as np
@@ -58,7 +63,8 @@ class Linear(Layer):
 
     def forward(self, X):
         W = self.params["W"]
-        if not isinstance(X, np.ndarray) or X.ndim != 2 or X.shape[1] != self.d_in:
+        is_array = isinstance(X, np.ndarray) or kernels.is_device_array(X)
+        if not is_array or X.ndim != 2 or X.shape[1] != self.d_in:
             shape = getattr(X, "shape", type(X).__name__)
             raise ValueError(f"{self} expects input of shape (N, {self.d_in}), got {shape}")
         if X.dtype != W.dtype:
@@ -67,14 +73,18 @@ class Linear(Layer):
                 f"convert it with X.astype(np.{W.dtype})"
             )
         self.X = X
-        K = kernels.ops()
+        K = kernels.ops_for(X, W)
         return K.add_bias(K.matmul(X, W), self.params["b"])
 
     def backward(self, dY):
-        K = kernels.ops()
-        self.grads["W"][...] = K.matmul_tn(self.X, dY)
-        self.grads["b"][...] = K.sum_rows(dY)
-        return K.matmul_nt(dY, self.params["W"])
+        self.param_grads(dY)
+        return kernels.ops_for(dY).matmul_nt(dY, self.params["W"])
+
+    def param_grads(self, dY):
+        """Only ∂W and ∂b: what the first layer needs (nobody asks for ∂X of the data)."""
+        K = kernels.ops_for(self.X, dY)
+        kernels.assign(self.grads["W"], K.matmul_tn(self.X, dY))
+        kernels.assign(self.grads["b"], K.sum_rows(dY))
 
 
 class ReLU(Layer):
@@ -85,10 +95,10 @@ class ReLU(Layer):
 
     def forward(self, X):
         self.X = X
-        return kernels.ops().relu(X)
+        return kernels.ops_for(X).relu(X)
 
     def backward(self, dY):
-        return kernels.ops().relu_backward(dY, self.X)
+        return kernels.ops_for(dY, self.X).relu_backward(dY, self.X)
 
 
 class Tanh(Layer):
@@ -98,11 +108,11 @@ class Tanh(Layer):
         return "Tanh()"
 
     def forward(self, X):
-        self.Y = kernels.ops().tanh(X)
+        self.Y = kernels.ops_for(X).tanh(X)
         return self.Y
 
     def backward(self, dY):
-        return kernels.ops().tanh_backward(dY, self.Y)
+        return kernels.ops_for(dY, self.Y).tanh_backward(dY, self.Y)
 
 
 class MSELoss:
@@ -117,11 +127,12 @@ class MSELoss:
             target = target[:, None]
         if target.shape != pred.shape:
             raise ValueError(f"{self}: prediction has shape {pred.shape}, target {target.shape}")
-        loss, self.residual = kernels.ops().mse(pred, target.astype(pred.dtype, copy=False))
+        K = kernels.ops_for(pred)
+        loss, self.residual = K.mse(pred, target.astype(pred.dtype, copy=False))
         return loss
 
     def backward(self):
-        return kernels.ops().mse_backward(self.residual)
+        return kernels.ops_for(self.residual).mse_backward(self.residual)
 
     def predict(self, out):
         return out[:, 0] if out.shape[1] == 1 else out
@@ -147,24 +158,30 @@ class SoftmaxCrossEntropy:
             raise ValueError(f"{self}: labels must lie in [0, {k}), got [{labels.min()}, "
                              f"{labels.max()}]")
         self.labels = labels
-        loss, self.probs = kernels.ops().softmax_cross_entropy(logits, labels)
+        loss, self.probs = kernels.ops_for(logits).softmax_cross_entropy(logits, labels)
         return loss
 
     def backward(self):
-        return kernels.ops().softmax_cross_entropy_backward(self.probs, self.labels)
+        K = kernels.ops_for(self.probs)
+        return K.softmax_cross_entropy_backward(self.probs, self.labels)
 
     def predict(self, logits):
         return logits.argmax(axis=1)
 
 
 class Sequential:
-    """Layers applied in order, then a loss; all parameters in one flat buffer `params`."""
+    """Layers applied in order, then a loss; all parameters in one flat buffer `params`.
 
-    def __init__(self, layers, loss, seed=0, dtype=np.float64):
+    device: "numpy" or "cuda" (default: the one `kernels.use` selected). On "cuda" the buffers
+    are initialised on the host (same values as on numpy) and copied to the device once.
+    """
+
+    def __init__(self, layers, loss, seed=0, dtype=np.float64, device=None):
         self.layers, self.criterion = list(layers), loss
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise ValueError(f"model dtype must be a float type, got {self.dtype}")
+        self.device = kernels.resolve(device)
         sizes = [int(np.prod(s)) for layer in self.layers for s in layer.param_shapes().values()]
         self._params = np.zeros(sum(sizes), dtype=self.dtype)
         self._grads = np.zeros_like(self._params)
@@ -181,6 +198,21 @@ class Sequential:
                 offset += size
             layer.bind(p_views, g_views)
             layer.init_params(p_views, rng)
+        if self.device == "cuda":
+            self._to_device()
+
+    def _to_device(self):
+        """Move both buffers to the GPU and re-bind every layer to views of them there."""
+        K = kernels.ops("cuda")
+        self._params, self._grads = K.to_device(self._params), K.zeros(self._grads.shape,
+                                                                       self.dtype)
+        for i, layer in enumerate(self.layers):
+            views = [{}, {}]
+            for name, shape in layer.param_shapes().items():
+                part = self.slices[f"{i}.{name}"]
+                views[0][name] = self._params[part].reshape(shape)
+                views[1][name] = self._grads[part].reshape(shape)
+            layer.bind(*views)
 
     def __repr__(self):
         body = ", ".join(map(repr, self.layers))
@@ -197,7 +229,7 @@ class Sequential:
 
     @params.setter
     def params(self, values):
-        self._params[...] = self._check_flat(values, "params")
+        kernels.assign(self._params, self._check_flat(values, "params"))
 
     @property
     def grads(self):
@@ -206,10 +238,10 @@ class Sequential:
 
     @grads.setter
     def grads(self, values):
-        self._grads[...] = self._check_flat(values, "grads")
+        kernels.assign(self._grads, self._check_flat(values, "grads"))
 
     def _check_flat(self, values, what):
-        values = np.asarray(values)
+        values = values if kernels.is_device_array(values) else np.asarray(values)
         if values.shape != self._params.shape:
             raise ValueError(f"{what} must have shape {self._params.shape}, got {values.shape}")
         return values
@@ -227,14 +259,26 @@ class Sequential:
     def loss_and_grad(self, X, y):
         """Mean loss over the batch; overwrites `grads` with its gradient."""
         loss = self.criterion.forward(self.forward(X), y)
-        d = self.criterion.backward()
-        for layer in reversed(self.layers):
-            d = layer.backward(d)
+        self.backward()
         return loss
+
+    def backward(self, input_grad=False):
+        """After `loss(X, y)`: overwrite `grads` with the gradient of that loss; with
+        input_grad, also return ∂L/∂X (skipped otherwise: for a first Linear layer it costs
+        as much as ∂W)."""
+        d = self.criterion.backward()
+        for i in reversed(range(len(self.layers))):
+            layer = self.layers[i]
+            if i == 0 and not input_grad and isinstance(layer, Linear):
+                layer.param_grads(d)
+                return None
+            d = layer.backward(d)
+        return d
 
     def predict(self, X):
         """Class labels for a classifier, values (N,) for a one-output regression."""
-        return self.criterion.predict(self.forward(X))
+        out = self.forward(X)
+        return self.criterion.predict(kernels.to_host(out) if kernels.is_device_array(out) else out)
 
     def accuracy(self, X, y):
         """Fraction of correct class predictions."""
@@ -244,7 +288,7 @@ class Sequential:
 _ACTIVATIONS = {"relu": (ReLU, 2.0), "tanh": (Tanh, 1.0)}
 
 
-def mlp(sizes, activation="relu", seed=0, dtype=np.float64):
+def mlp(sizes, activation="relu", seed=0, dtype=np.float64, device=None):
     """A multilayer perceptron sizes[0] → … → sizes[-1] with softmax cross-entropy."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(_ACTIVATIONS)}")
@@ -257,14 +301,15 @@ def mlp(sizes, activation="relu", seed=0, dtype=np.float64):
         layers.append(Linear(d_in, d_out, gain=1.0 if last else gain))
         if not last:
             layers.append(act())
-    return Sequential(layers, SoftmaxCrossEntropy(), seed=seed, dtype=dtype)
+    return Sequential(layers, SoftmaxCrossEntropy(), seed=seed, dtype=dtype, device=device)
 
 
-def linear_regression(d, seed=0, dtype=np.float64):
+def linear_regression(d, seed=0, dtype=np.float64, device=None):
     """ŷ = x·w + b with the loss (1/2N) Σ (ŷ − y)²."""
-    return Sequential([Linear(d, 1, gain=1.0)], MSELoss(), seed=seed, dtype=dtype)
+    return Sequential([Linear(d, 1, gain=1.0)], MSELoss(), seed=seed, dtype=dtype, device=device)
 
 
-def logistic_regression(d, k, seed=0, dtype=np.float64):
+def logistic_regression(d, k, seed=0, dtype=np.float64, device=None):
     """Multinomial logistic regression: softmax(x W + b) over k classes, cross-entropy loss."""
-    return Sequential([Linear(d, k, gain=1.0)], SoftmaxCrossEntropy(), seed=seed, dtype=dtype)
+    return Sequential([Linear(d, k, gain=1.0)], SoftmaxCrossEntropy(), seed=seed, dtype=dtype,
+                      device=device)

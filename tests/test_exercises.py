@@ -204,7 +204,8 @@ def test_check_bucket_slices_passes_the_right_answer_and_explains_wrong_ones():
 
     cases = {
         "counts bytes, not elements": elements,
-        "round down": round_up,
+        "Round down": round_up,
+        "at most 4 elements": lambda n, s, b: [slice(0, n)],
         "last, partial bucket is missing": drop_last,
         "in two buckets": overlap,
         "outside": past_the_end,

@@ -59,6 +59,8 @@ def test_each_rank_limits_blas_threads_to_one(backend, leaves_nothing_behind):
 
         return [pool["num_threads"] for pool in threadpool_info()]
 
+    import sklearn.ensemble  # noqa: F401 - loads an OpenMP pool, whose limit is per thread
+
     for threads in run(blas_threads, 2, backend=backend):
         assert threads and set(threads) == {1}
     assert run(blas_threads, 1, backend=backend, threads_per_rank=2)[0][0] == min(2, os.cpu_count())

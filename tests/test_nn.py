@@ -150,3 +150,16 @@ def test_logistic_regression_matches_scikit_learn(digits_split):
                  steps=3000, batch_size=64, lr=0.5,
                  optimizer_options={"weight_decay": 1.0 / len(X_train)})
     assert abs(hist.accuracy(X_test, y_test) - ref_acc) <= 0.02
+
+
+def test_sequential_backward_returns_the_input_gradient_only_when_asked():
+    rng = np.random.default_rng(3)
+    model = nn.mlp([4, 6, 3], seed=1)
+    X, y = rng.normal(size=(5, 4)), rng.integers(0, 3, size=5)
+    model.loss(X, y)
+    assert model.backward() is None  # the data's gradient is skipped by default
+    grads = model.grads.copy()
+    model.loss(X, y)
+    dX = model.backward(input_grad=True)
+    np.testing.assert_array_equal(model.grads, grads)
+    assert relative_error(dX, numerical_gradient(lambda _: model.loss(X, y), X)) < 1e-6

@@ -133,12 +133,13 @@ def run_threads(fn, world_size, args, kwargs, timeout, debug, threads=1):
 
     BLAS may use `threads` threads per call while the ranks run (the limit is process-wide and
     restored afterwards): p ranks each starting a BLAS pool would oversubscribe the cores.
+    OpenMP keeps its thread count per thread, so each rank's thread sets it again.
     """
     with threadpool_limits(limits=threads):
-        return _run_threads(fn, world_size, args, kwargs, timeout, debug)
+        return _run_threads(fn, world_size, args, kwargs, timeout, debug, threads)
 
 
-def _run_threads(fn, world_size, args, kwargs, timeout, debug):
+def _run_threads(fn, world_size, args, kwargs, timeout, debug, pool_threads):
     world = ThreadWorld(world_size)
     results, failures, lock = [None] * world_size, [], threading.Lock()
     snapshot = {}
@@ -146,7 +147,8 @@ def _run_threads(fn, world_size, args, kwargs, timeout, debug):
     def main(rank):
         comm = ThreadCommunicator(world, rank, timeout, debug)
         try:
-            results[rank] = fn(comm, *args, **kwargs)
+            with threadpool_limits(limits=pool_threads, user_api="openmp"):
+                results[rank] = fn(comm, *args, **kwargs)
             world.status[rank] = "finished"
         except Aborted:
             world.status[rank] = "aborted"
