@@ -40,3 +40,12 @@ def remote_failure(rank, exc_type, text, remote_traceback):
     if exc_type == "CollectiveMismatchError":
         return CollectiveMismatchError(f"rank {rank}: {text}")
     return WorkerError(rank, f"{exc_type}: {text}", exc_type, remote_traceback)
+
+
+class ServerError(RuntimeError):
+    """A parameter-server shard failed or vanished. `shard` is its index; `worker_errors` maps
+    each worker that noticed to what it reported."""
+
+    def __init__(self, shard, message, worker_errors=None):
+        self.shard, self.worker_errors = shard, dict(worker_errors or {})
+        super().__init__(f"parameter server shard {shard} failed: {message}")

@@ -12,12 +12,15 @@ import numpy as np
 from minidist import data, optim
 from minidist.parallel import data_parallel, distributed_gd
 from minidist.parallel.job import Job
+from minidist.ps import training as parameter_server
 
 # strategy -> (the function each rank runs, its options with defaults, their validator)
 STRATEGIES = {
     "single": (None, {}, None),
     "distributed_gd": (distributed_gd.worker, {}, None),
     "data_parallel": (data_parallel.worker, data_parallel.OPTIONS, data_parallel.check_options),
+    "parameter_server": (parameter_server.worker, parameter_server.OPTIONS,
+                         parameter_server.check_options),
 }
 
 
@@ -42,6 +45,8 @@ class History:
     backend: str = "none"
     options: dict = field(default_factory=dict)
     stats: list = field(default_factory=list)  # per rank: comm.stats.as_dict() of the training
+    staleness: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per applied
+    ps: dict = field(default_factory=dict)  # gradient; parameter_server's waits, bytes, events
 
     def model(self):
         """A fresh model holding the final parameters."""
@@ -105,6 +110,8 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
 
     job = Job(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
               dict(strategy_options), progress=f"{strategy} ×{workers}" if progress else "")
+    if strategy == "parameter_server":
+        return parameter_server.train_parameter_server(job, workers, backend, timeout)
     ranks = run(worker, workers, args=(job,), backend=backend, timeout=timeout)
     first = ranks[0]
     _check_finite(first["loss"], lr)

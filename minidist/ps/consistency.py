@@ -1,0 +1,45 @@
+"""When may a server answer a pull, and when does a push become an update: BSP, ASP, SSP.
+
+Each worker w has a clock c_w: the number of gradients it has pushed. A pull from a worker at
+clock c asks for the parameters to compute step c from. With v the server's version (updates
+applied so far), s the staleness bound and c_min the clock of the slowest worker still running:
+
+    BSP   serve when v ≥ c            every worker's gradient of steps < c is in: synchronous SGD
+    SSP   serve when c − c_min ≤ s    nobody runs more than s clocks ahead (Ho et al. 2013)
+    ASP   serve at once               no waiting at all (Downpour SGD; Hogwild! in one machine)
+
+On a push, ASP and SSP apply the gradient at once. BSP adds it to the step's sum and applies
+the sum once, when every running worker has pushed:  θ ← opt(θ, Σ_k g_k), exactly one
+synchronous SGD step. The staleness of an applied gradient is τ = v_apply − v_pull: how many
+updates landed between the pull it was computed from and its own application (BSP: τ = 0).
+"""
+
+CONSISTENCIES = ("bsp", "asp", "ssp")
+
+
+def check(consistency, staleness):
+    """A clear error for a bad (consistency, staleness) pair."""
+    if consistency not in CONSISTENCIES:
+        raise ValueError(f"unknown consistency {consistency!r}; allowed: "
+                         f"{', '.join(CONSISTENCIES)}")
+    if consistency == "ssp":
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise ValueError("consistency='ssp' needs staleness=s, an integer >= 0 "
+                             f"(clocks a worker may run ahead of the slowest), got {staleness!r}")
+    elif staleness is not None:
+        raise ValueError(f"staleness={staleness!r} only applies to consistency='ssp' "
+                         f"(got consistency={consistency!r})")
+
+
+def may_serve_pull(consistency, clock, version, min_clock, staleness):
+    """True when a pull from a worker at `clock` may be answered now (see the table above)."""
+    if consistency == "bsp":
+        return version >= clock
+    if consistency == "ssp":
+        return clock - min_clock <= staleness
+    return True
+
+
+def applies_at_once(consistency):
+    """ASP and SSP apply each gradient as it arrives; BSP sums a step's gradients first."""
+    return consistency != "bsp"

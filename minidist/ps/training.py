@@ -1,0 +1,102 @@
+"""strategy="parameter_server": the article's distributed gradient descent, on real servers.
+
+Each worker repeats: pull θ, compute the gradient of its share of step t's global batch,
+push (|B_k|/|B|)·∇L_k. So the W pushes of one clock add up to the global-batch gradient:
+BSP applies their sum once (the same SGD as strategy="single"), ASP and SSP apply each push
+as it arrives, on parameters that may be a few updates old.
+"""
+
+import numpy as np
+
+from minidist import ps
+from minidist.ps import consistency as rules
+
+OPTIONS = {"consistency": "bsp", "staleness": None, "num_servers": 1, "slow_workers": None,
+           "elastic": False, "checkpoint_dir": None, "checkpoint_every": 0, "resume": False}
+
+
+def check_options(options):
+    merged = {**OPTIONS, **options}
+    rules.check(merged["consistency"], merged["staleness"])
+
+
+def worker(client, job):
+    """One worker's training loop; returns (step, |B_k|/|B|·L_k, |B_k|/|B|) per step it ran."""
+    model = job.model_fn()
+    rows_done = []
+    for t, (rows, weight) in enumerate(job.my_batches(client.rank, client.world_size)):
+        if t < client.clock:  # a resumed run: these steps are in the checkpoint
+            continue
+        client.pull(out=model.params)
+        loss = model.loss_and_grad(job.X[rows], job.y[rows])
+        client.push(model.grads * weight, weight)
+        rows_done.append((t, loss * weight, weight))
+    return np.array(rows_done, dtype=np.float64).reshape(-1, 3)
+
+
+def train_parameter_server(job, workers, backend, timeout):
+    """Run `job` on a parameter server; the History of train()."""
+    from minidist.train import History, _check_finite
+
+    if backend != "process":
+        raise ValueError(f"strategy='parameter_server' runs servers and workers as processes; "
+                         f"backend must be 'process', got {backend!r}")
+    options = {**OPTIONS, **job.options}
+    params = job.model_fn().params.copy()
+    result = ps.run(worker, workers, params, optimizer=job.optimizer, lr=job.lr,
+                    optimizer_options=job.optimizer_options, timeout=timeout, args=(job,),
+                    **options)
+    loss, weight = np.zeros(job.steps), np.zeros(job.steps)
+    for rows in result.results:
+        if rows is not None:
+            steps = rows[:, 0].astype(int)
+            np.add.at(loss, steps, rows[:, 1])
+            np.add.at(weight, steps, rows[:, 2])
+    if result.events:  # elastic: a step's loss is the mean over the workers that ran it
+        loss = np.divide(loss, weight, out=np.full_like(loss, np.nan), where=weight > 0)
+    loss[:result.start_clock] = np.nan
+    _check_finite(loss[result.start_clock:], job.lr)
+    first = next(w for w, log in enumerate(result.log) if log is not None)
+    step_time, compute_time, comm_time = (np.full(job.steps, np.nan) for _ in range(3))
+    log = result.log[first]
+    clocks = log[:, 0].astype(int)
+    step_time[clocks] = log[:, 4] - log[:, 1]
+    compute_time[clocks] = log[:, 3] - log[:, 2]
+    comm_time[clocks] = (log[:, 2] - log[:, 1]) + (log[:, 4] - log[:, 3])
+    stats = result.stats
+    summary = {
+        "consistency": options["consistency"], "staleness_bound": options["staleness"],
+        "num_servers": options["num_servers"], "events": result.events,
+        "wait_time": [s and s["pull"]["seconds"] + s["push"]["seconds"] for s in stats],
+        "bytes_pushed": [s and s["push"]["bytes_sent"] for s in stats],
+        "bytes_pulled": [s and s["pull"]["bytes_received"] for s in stats],
+        "applied": result.applied, "updates": result.updates, "pulls": result.pulls,
+        "log": result.log, "worker_loss": result.results, "start_step": result.start_clock}
+    return History(strategy="parameter_server", workers=workers, model_fn=job.model_fn,
+                   params=result.params, loss=loss, step_time=step_time,
+                   compute_time=compute_time, comm_time=comm_time,
+                   bytes_sent=summary["bytes_pushed"], backend="process", options=options,
+                   stats=stats, staleness=result.staleness, ps=summary)
+
+
+def loss_over_time(history):
+    """(seconds since the start, loss) as the workers reported it: after each push, the mean of
+    the last W reports' |B_k|/|B|-normalised losses (one global batch's worth, smoothed)."""
+    points = []
+    for rows, log in zip(history.ps["worker_loss"], history.ps["log"], strict=True):
+        if rows is not None:
+            points += zip(log[:, 4], rows[:, 1] / rows[:, 2], strict=True)
+    points.sort()
+    times = np.array([p[0] for p in points])
+    losses = np.array([p[1] for p in points])
+    total = np.concatenate([[0.0], np.cumsum(losses)])
+    end = np.arange(1, len(losses) + 1)
+    start = np.maximum(0, end - history.workers)
+    return times, (total[end] - total[start]) / (end - start)
+
+
+def time_to_loss(history, target):
+    """Seconds until the smoothed reported loss first reaches `target` (inf if it never does)."""
+    times, losses = loss_over_time(history)
+    below = np.flatnonzero(losses <= target)
+    return float(times[below[0]]) if len(below) else float("inf")

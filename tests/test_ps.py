@@ -1,0 +1,258 @@
+"""The parameter server: BSP is synchronous SGD, no update is lost, SSP keeps its bound,
+failures are named and leave nothing behind, checkpoints resume exactly."""
+
+import functools
+import glob
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from minidist import data, nn, ps, train
+from minidist.errors import ServerError, WorkerError
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    before = set(glob.glob(f"/dev/shm/md{os.getpid()}_*"))
+    yield
+    assert set(glob.glob(f"/dev/shm/md{os.getpid()}_*")) == before
+    assert mp.active_children() == []
+
+
+@pytest.fixture(scope="module")
+def digits_reference():
+    X, y = data.load_digits()
+    model_fn = functools.partial(nn.mlp, [64, 16, 10], seed=0)
+    kwargs = {"steps": 50, "batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
+    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
+
+
+@pytest.mark.parametrize("num_servers", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_bsp_reproduces_single(digits_reference, workers, num_servers):
+    model_fn, X, y, kwargs, reference = digits_reference
+    hist = train(model_fn, X, y, strategy="parameter_server", workers=workers,
+                 num_servers=num_servers, **kwargs)
+    gap = np.max(np.abs(hist.params - reference.params)) / np.max(np.abs(reference.params))
+    assert gap < 1e-10
+    np.testing.assert_allclose(hist.loss, reference.loss, rtol=1e-10)
+    assert hist.staleness.shape == (50 * workers,) and not hist.staleness.any()
+    n_bytes = 50 * reference.params.nbytes
+    assert hist.ps["bytes_pushed"] == hist.ps["bytes_pulled"] == [n_bytes] * workers
+    assert hist.ps["updates"] == [50] * num_servers
+    assert hist.ps["applied"] == [50 * workers] * num_servers
+    assert len(hist.ps["wait_time"]) == workers and min(hist.ps["wait_time"]) > 0
+
+
+def integer_pushes(client, pushes, slow_rank=None, pause=0.0):
+    """Push integer gradients, pulling before each; returns their sum."""
+    total = np.zeros(client.n)
+    rng = np.random.default_rng(client.rank)
+    for _ in range(pushes):
+        client.pull()
+        if client.rank == slow_rank:
+            time.sleep(pause)
+        grad = rng.integers(-3, 4, client.n).astype(np.float64)
+        client.push(grad)
+        total += grad
+    return total
+
+
+@pytest.mark.parametrize("num_servers", [1, 2])
+@pytest.mark.parametrize("consistency,staleness", [("bsp", None), ("asp", None), ("ssp", 1)])
+def test_no_update_is_lost(consistency, staleness, num_servers):
+    start = np.arange(7.0)
+    result = ps.run(integer_pushes, 3, start, lr=1.0, consistency=consistency,
+                    staleness=staleness, num_servers=num_servers, args=(30,))
+    pushed = sum(result.results)
+    np.testing.assert_array_equal(result.params, start - pushed)  # exact: integers, lr = 1
+    updates = 30 if consistency == "bsp" else 90  # BSP applies one summed step per clock
+    assert result.applied == [90] * num_servers and result.updates == [updates] * num_servers
+    assert len(result.staleness) == 90 and result.clocks == [30, 30, 30]
+
+
+@pytest.mark.parametrize("consistency,staleness", [("asp", None), ("ssp", 3), ("bsp", None)])
+def test_no_update_is_lost_under_load(consistency, staleness):
+    start = np.zeros(5)
+    result = ps.run(integer_pushes, 16, start, lr=1.0, consistency=consistency,
+                    staleness=staleness, num_servers=2, args=(200,), timeout=100)
+    np.testing.assert_array_equal(result.params, start - sum(result.results))
+    assert len(result.staleness) == 16 * 200
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_ssp_never_runs_more_than_s_clocks_ahead(staleness):
+    result = ps.run(integer_pushes, 3, np.zeros(4), lr=1.0, consistency="ssp",
+                    staleness=staleness, num_servers=2, args=(12, 1, 0.01))
+    for shard in result.pulls:
+        gaps = [clock - slowest for _, clock, slowest, _ in shard]
+        assert max(gaps) == staleness  # reached (worker 1 is slow) and never exceeded
+        assert len(shard) == 36
+
+
+def _one_then_many(client, flag):
+    """Worker 1 pushes once, pulls, and holds its next gradient until worker 0 (which first
+    waits to see worker 1's push in its pulled version) has pushed 12 times."""
+    deadline = time.monotonic() + 20
+    client.pull()
+    if client.rank == 1:
+        client.push(np.ones(client.n))
+        client.pull()
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        client.push(np.ones(client.n))
+        return
+    while client.version == 0 and time.monotonic() < deadline:
+        client.pull()
+    for _ in range(12):
+        client.push(np.ones(client.n))
+        client.pull()
+    open(flag, "w").close()
+
+
+def test_asp_lets_fast_workers_run_ahead(tmp_path):
+    result = ps.run(_one_then_many, 2, np.zeros(4), lr=1.0, consistency="asp",
+                    args=(str(tmp_path / "flag"),))
+    assert max(clock - slowest for _, clock, slowest, _ in result.pulls[0]) == 11
+    assert result.staleness.max() == 12  # worker 1's second gradient: 12 updates old
+    np.testing.assert_array_equal(result.params, np.full(4, -14.0))
+
+
+def _fail(client, how, at=3):
+    for c in range(10):
+        client.pull()
+        if client.rank == 1 and c == at:
+            if how == "raise":
+                raise RuntimeError("worker one gives up")
+            if how == "exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        client.push(np.ones(client.n))
+    return client.clock
+
+
+@pytest.mark.parametrize("how,match", [("raise", "RuntimeError: worker one gives up"),
+                                       ("exit", "exited with code 3"),
+                                       ("kill", "killed by signal SIGKILL")])
+def test_a_dead_worker_is_named(how, match):
+    with pytest.raises(WorkerError, match=match) as info:
+        ps.run(_fail, 3, np.zeros(4), args=(how,), num_servers=2, timeout=20)
+    assert info.value.rank == 1
+
+
+def test_elastic_bsp_continues_without_the_dead_worker():
+    result = ps.run(_fail, 3, np.zeros(4), lr=1.0, args=("kill",), elastic=True, timeout=20)
+    assert result.results[1] is None and result.results[0] == result.results[2] == 10
+    assert len(result.events) == 1 and "worker 1" in result.events[0]
+    assert "2 remaining workers" in result.events[0]
+    # three workers push 1 for 3 steps; then the mean of the survivors' 1s for 7 steps
+    np.testing.assert_array_equal(result.params, np.full(4, -(3 * 3 + 7 * 1.0)))
+
+
+def _kill_server(client):
+    for c in range(50):
+        client.pull()
+        if client.rank == 0 and c == 2:
+            os.kill(client.server_pids[1], signal.SIGKILL)
+        client.push(np.ones(client.n))
+
+
+def _confuse_server(client):
+    client.conns[0].send(("bogus",))
+    client.pull()
+
+
+def test_a_dead_server_is_named_and_workers_hear_of_it():
+    start = time.monotonic()
+    with pytest.raises(ServerError, match="shard 1 failed: killed by signal 9") as info:
+        ps.run(_kill_server, 2, np.zeros(4), num_servers=2, timeout=30)
+    assert time.monotonic() - start < 15
+    assert info.value.shard == 1
+    assert all("ServerError" in text for text in info.value.worker_errors.values())
+
+
+def test_a_failing_server_sends_its_traceback():
+    with pytest.raises(ServerError, match="unknown message 'bogus' from worker 0"):
+        ps.run(_confuse_server, 1, np.zeros(4), timeout=20)
+
+
+def _crashing_model(model_fn, crash_after):
+    """model_fn whose model raises on its `crash_after`-th gradient (None: never)."""
+    def make():
+        model = model_fn()
+        calls, inner = [0], model.loss_and_grad
+
+        def loss_and_grad(X, y):
+            calls[0] += 1
+            if calls[0] == crash_after:
+                raise RuntimeError("simulated crash")
+            return inner(X, y)
+
+        model.loss_and_grad = loss_and_grad
+        return model
+    return make
+
+
+def test_resume_from_a_checkpoint_reaches_the_same_parameters(tmp_path):
+    X, y = data.load_digits()
+    model_fn = functools.partial(nn.mlp, [64, 16, 10], seed=0)
+    kwargs = {"strategy": "parameter_server", "workers": 2, "num_servers": 2, "steps": 30,
+              "batch_size": 32, "lr": 0.1, "optimizer": "adam"}
+    whole = train(model_fn, X, y, **kwargs)
+    with pytest.raises(WorkerError, match="simulated crash"):
+        train(_crashing_model(model_fn, 25), X, y, checkpoint_dir=str(tmp_path),
+              checkpoint_every=10, **kwargs)
+    assert sorted(os.listdir(tmp_path)) == ["shard0-v10.npz", "shard0-v20.npz",
+                                            "shard1-v10.npz", "shard1-v20.npz"]
+    resumed = train(model_fn, X, y, checkpoint_dir=str(tmp_path), resume=True, **kwargs)
+    np.testing.assert_array_equal(resumed.params, whole.params)
+    np.testing.assert_array_equal(resumed.loss[20:], whole.loss[20:])
+    assert np.isnan(resumed.loss[:20]).all() and resumed.ps["start_step"] == 20
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"consistency": "bulk"}, "unknown consistency 'bulk'"),
+    ({"consistency": "ssp"}, "needs staleness=s"),
+    ({"consistency": "bsp", "staleness": 2}, "only applies to consistency='ssp'"),
+    ({"num_servers": 10**6}, "num_servers must be an integer in"),
+    ({"slow_workers": {5: 3.0}}, "rank 5 is not in"),
+    ({"slow_workers": {0: 0.5}}, "slowdown must be >= 1"),
+    ({"resume": True}, "need checkpoint_dir"),
+    ({"backend": "thread"}, "backend must be 'process'"),
+])
+def test_bad_options_are_named(options, match):
+    X, y = data.make_classification(60, 5, 3, seed=0)
+    with pytest.raises(ValueError, match=match):
+        train(functools.partial(nn.mlp, [5, 4, 3], seed=1), X, y, strategy="parameter_server",
+              workers=2, steps=2, batch_size=8, **options)
+
+
+def test_a_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        ps.run(integer_pushes, 1, np.zeros(3), checkpoint_dir=str(tmp_path), resume=True,
+               args=(1,))
+
+
+def test_a_straggler_slows_only_itself_under_asp():
+    X, y = data.make_classification(200, 5, 3, seed=0)
+    hist = train(functools.partial(nn.mlp, [5, 8, 3], seed=1), X, y,
+                 strategy="parameter_server", workers=2, steps=20, batch_size=16,
+                 consistency="asp", slow_workers={1: 20.0})
+    fast, slow = (np.median(log[:, 3] - log[:, 2]) for log in hist.ps["log"])
+    assert slow > 5 * fast  # from pull to push: 20 times the work, less the noise
+    assert np.isfinite(hist.loss).all() and len(hist.staleness) == 40
+
+
+@pytest.mark.parametrize("start_method", ["spawn"])
+def test_every_start_method_runs_a_notebook_style_function(start_method):
+    def pushes(client):  # a local function: shipped by value
+        for _ in range(5):
+            client.pull()
+            client.push(np.full(client.n, 2.0))
+    result = ps.run(pushes, 2, np.zeros(3), lr=0.5, consistency="asp", num_servers=2,
+                    start_method=start_method, timeout=60)
+    np.testing.assert_array_equal(result.params, np.full(3, -10.0))
