@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minidist import data, optim
-from minidist.parallel import data_parallel, distributed_gd
+from minidist.parallel import data_parallel, distributed_gd, hybrid, pipeline, tensor_parallel
 from minidist.parallel.job import Job
 from minidist.ps import training as parameter_server
 
@@ -21,7 +21,14 @@ STRATEGIES = {
     "data_parallel": (data_parallel.worker, data_parallel.OPTIONS, data_parallel.check_options),
     "parameter_server": (parameter_server.worker, parameter_server.OPTIONS,
                          parameter_server.check_options),
+    "tensor_parallel": (hybrid.tensor_parallel_worker, tensor_parallel.OPTIONS,
+                        tensor_parallel.check_options),
+    "pipeline": (hybrid.pipeline_worker, pipeline.OPTIONS, pipeline.check_options),
+    "hybrid": (hybrid.worker, hybrid.OPTIONS, hybrid.check_options),
 }
+# strategy -> check(model_fn, workers, batch_size, options): shapes that cannot be split
+JOB_CHECKS = {"tensor_parallel": hybrid.check_tensor_parallel,
+              "pipeline": hybrid.check_pipeline, "hybrid": hybrid.check_job}
 
 
 @dataclass
@@ -47,6 +54,8 @@ class History:
     stats: list = field(default_factory=list)  # per rank: comm.stats.as_dict() of the training
     staleness: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per applied
     ps: dict = field(default_factory=dict)  # gradient; parameter_server's waits, bytes, events
+    events: list = field(default_factory=list)  # per rank: (name, start, end, step, micro)
+    details: list = field(default_factory=list)  # per rank: what the strategy measured
 
     def model(self):
         """A fresh model holding the final parameters."""
@@ -57,6 +66,19 @@ class History:
     def accuracy(self, X, y):
         """Fraction of correct class predictions of the final model."""
         return self.model().accuracy(X, y)
+
+    def timeline(self, ax=None, steps=None):
+        """A Gantt chart of every rank's events (minidist.viz.gantt); returns the axes."""
+        from minidist import viz
+
+        return viz.gantt(self.events, ax=ax, steps=steps,
+                         title=f"{self.strategy} ({self.workers} workers)")
+
+    def save_trace(self, path):
+        """Write the events as Chrome trace-event JSON (open in ui.perfetto.dev)."""
+        from minidist import trace
+
+        return trace.save_chrome_trace(self.events, path)
 
     def plot(self, ax=None, label=None):
         """The loss curve, on `ax` or a new figure; returns the axes."""
@@ -100,6 +122,8 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
                          f"its options: {allowed}")
     if check:
         check(strategy_options)
+    if strategy in JOB_CHECKS:
+        JOB_CHECKS[strategy](model_fn, workers, batch_size, strategy_options)
     optimizer_options = dict(optimizer_options or {})
     optim.make(optimizer, np.zeros(1), lr, **optimizer_options)  # fail early on a bad optimizer
     if strategy == "single":
@@ -119,7 +143,9 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
                    params=first["params"], loss=first["loss"], step_time=first["step_time"],
                    compute_time=first["compute_time"], comm_time=first["comm_time"],
                    bytes_sent=[r["bytes_sent"] for r in ranks], backend=backend,
-                   options={**defaults, **strategy_options}, stats=[r["stats"] for r in ranks])
+                   options={**defaults, **strategy_options}, stats=[r["stats"] for r in ranks],
+                   events=[r.get("events", []) for r in ranks],
+                   details=[r.get("details", {}) for r in ranks])
 
 
 def _check_finite(losses, lr):

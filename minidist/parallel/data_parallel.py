@@ -51,9 +51,8 @@ def worker(comm, job):
             if stop > start:
                 micro = rows[start:stop]
                 share = weight * len(micro) / len(rows)  # of the global batch
-                loss += share * clock.timed("compute", model.loss_and_grad, job.X[micro],
-                                            job.y[micro])
-                clock.timed("compute", _add_scaled, synced, model.grads, share)
+                loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
+                clock.timed("compute", _add_scaled, synced, model.grads, share, event="backward")
         weighted_losses.append(loss)
         for bucket in slices:
             clock.timed("comm", comm.all_reduce, synced[bucket], "sum", options["algorithm"])

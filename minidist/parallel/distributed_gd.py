@@ -25,7 +25,7 @@ def worker(comm, job):
         clock.begin(t)
         grad = np.zeros_like(model.grads)
         if len(rows):  # step 2: the gradient of my part, weighted by its share of the batch
-            loss = clock.timed("compute", model.loss_and_grad, job.X[rows], job.y[rows])
+            loss = clock.forward_backward(model, job.X[rows], job.y[rows])
             grad = model.grads * weight
             weighted_losses.append(loss * weight)
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minidist import data, optim
+from minidist.trace import Trace
 
 
 @dataclass
@@ -31,39 +32,58 @@ class Job:
 
     def my_batches(self, rank, world_size):
         """(indices of my shard of the global batch, its weight |B_k|/|B|), step by step."""
+        for batch in self.global_batches(rank):
+            start, stop = data.shard_bounds(len(batch), rank, world_size)
+            yield batch[start:stop], (stop - start) / len(batch)
+
+    def global_batches(self, rank):
+        """The whole global batch of every step (model parallelism does not split it)."""
         batches = data.step_batches(len(self.X), self.batch_size, self.steps, self.seed)
         if self.progress and rank == 0:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=self.steps, desc=self.progress, leave=False,
                            disable=None)
-        for batch in batches:
-            start, stop = data.shard_bounds(len(batch), rank, world_size)
-            yield batch[start:stop], (stop - start) / len(batch)
+        return batches
 
     def make_optimizer(self, params):
         return optim.make(self.optimizer, params, self.lr, **self.optimizer_options)
 
 
+EVENTS = {"all_reduce": "all_reduce", "send": "send", "recv": "recv", "step": "optimizer"}
+
+
 class Clock:
-    """Per-step wall, compute and communication seconds on this rank."""
+    """Per-step wall, compute and communication seconds on this rank, and its timeline
+    (`trace`: every timed call becomes an event named by `event=` or after the function)."""
 
     def __init__(self, steps):
         self.compute, self.comm, self.step = np.zeros(steps), np.zeros(steps), np.zeros(steps)
         self.t, self.started = 0, 0.0
+        self.trace = Trace()
 
     def begin(self, t):
         self.t, self.started = t, time.perf_counter()
+        self.trace.step = t
 
     def end(self):
         self.step[self.t] = time.perf_counter() - self.started
 
-    def timed(self, kind, fn, *args):
+    def timed(self, kind, fn, *args, event=None):
         """fn(*args), its seconds added to this step's `kind` ("compute" or "comm")."""
         start = time.perf_counter()
         result = fn(*args)
-        getattr(self, kind)[self.t] += time.perf_counter() - start
+        end = time.perf_counter()
+        getattr(self, kind)[self.t] += end - start
+        name = event or EVENTS.get(getattr(fn, "__name__", ""), kind)
+        self.trace.add(name, start, end)
         return result
+
+    def forward_backward(self, model, X, y):
+        """model.loss_and_grad(X, y) as two timed events, forward (with the loss) and backward."""
+        loss = self.timed("compute", model.loss, X, y, event="forward")
+        self.timed("compute", model.backward, event="backward")
+        return loss
 
 
 def report(comm, params, weighted_losses, clock):
@@ -75,4 +95,4 @@ def report(comm, params, weighted_losses, clock):
     losses = comm.all_reduce(np.array(weighted_losses, dtype=np.float64), algorithm="ring")
     return {"params": params.copy(), "loss": losses, "step_time": clock.step,
             "compute_time": clock.compute, "comm_time": clock.comm,
-            "bytes_sent": bytes_sent, "stats": stats}
+            "bytes_sent": bytes_sent, "stats": stats, "events": clock.trace.with_idle()}

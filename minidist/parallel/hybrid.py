@@ -1,0 +1,156 @@
+"""Hybrid parallelism: data parallel over model-parallel groups — the article's closing theme.
+
+    Topology(dp, tp, pp): world_size = dp·tp·pp ranks, rank = (d·pp + s)·tp + k
+
+Rank (d, s, k) holds tensor-parallel part k of pipeline stage s of data-parallel replica d.
+Tensor-parallel peers get adjacent ranks (they talk most: twice per MLP block). Three
+sub-communicators from comm.split: `tp` (same d, s), `pp` (same d, k) and `dp` (same s, k).
+One step: replica d takes its shard of the global batch, runs it through its pipeline of
+tensor-parallel stages, and the ranks that hold the same part of the model all-reduce their
+gradients (each weighted by |B_d|/|B|) over `dp` before the optimizer step.
+
+strategy="tensor_parallel" is Topology(1, t, 1), "pipeline" Topology(1, 1, p): one engine.
+"""
+
+from dataclasses import dataclass
+
+from minidist.data import shard_bounds
+from minidist.parallel import pipeline, tensor_parallel
+from minidist.parallel.job import Clock, report
+from minidist.parallel.shard import ModelShard, gather_params
+
+OPTIONS = {"dp": 1, "tp": 1, "pp": 1, **pipeline.OPTIONS, "micro_batches": 1}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """dp × tp × pp ranks: which replica, stage and tensor part each rank holds."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self):
+        for name in ("dp", "tp", "pp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Topology: {name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def world_size(self):
+        return self.dp * self.tp * self.pp
+
+    def coords(self, rank):
+        """{"dp": d, "pp": s, "tp": k} of a rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must lie in [0, {self.world_size}), got {rank}")
+        return {"dp": rank // (self.pp * self.tp), "pp": rank // self.tp % self.pp,
+                "tp": rank % self.tp}
+
+    def rank(self, dp=0, pp=0, tp=0):
+        return (dp * self.pp + pp) * self.tp + tp
+
+    def group(self, axis, rank):
+        """The ranks that differ from `rank` only along `axis` ("dp", "tp" or "pp"), in order."""
+        here = self.coords(rank)
+        return [self.rank(**{**here, axis: i}) for i in range(getattr(self, axis))]
+
+    def split(self, comm):
+        """{"dp": …, "tp": …, "pp": …}: this rank's three sub-communicators (every rank calls)."""
+        if comm.world_size != self.world_size:
+            raise ValueError(f"{self} needs {self.world_size} ranks, the communicator has "
+                             f"{comm.world_size}")
+        groups = {}
+        for axis in ("tp", "pp", "dp"):  # every rank splits in the same order
+            members = self.group(axis, comm.rank)
+            groups[axis] = comm.split(color=min(members), key=self.coords(comm.rank)[axis])
+        return groups
+
+    def __str__(self):
+        return f"dp×tp×pp = {self.dp}×{self.tp}×{self.pp}"
+
+
+def check_options(options):
+    pipeline.check_options(options)
+    tensor_parallel.check_options(options)
+
+
+def check_job(model_fn, workers, batch_size, options, defaults=OPTIONS):
+    """Clear errors, before any rank starts, for shapes that cannot work."""
+    options = {**OPTIONS, **defaults, **options}
+    topology = Topology(options["dp"], options["tp"], options["pp"])
+    if topology.world_size != workers:
+        raise ValueError(f"{topology} = {topology.world_size} ranks, but workers={workers}")
+    model = model_fn()
+    for start, stop in pipeline.stage_bounds(model, topology.pp, options["cuts"]):
+        tensor_parallel.check_split(model.layers, topology.tp, start, stop)
+    if batch_size < topology.dp * options["micro_batches"]:
+        raise ValueError(f"batch_size={batch_size} cannot give dp={topology.dp} replicas "
+                         f"{options['micro_batches']} micro-batches of at least one row each")
+
+
+def worker(comm, job, topology=None, defaults=OPTIONS):
+    options = {**OPTIONS, **defaults, **job.options}
+    topology = topology or Topology(options["dp"], options["tp"], options["pp"])
+    groups = topology.split(comm)
+    here = topology.coords(comm.rank)
+    clock, losses, peaks = Clock(job.steps), [], []
+    model = job.model_fn()
+    start, stop = pipeline.stage_bounds(model, topology.pp, options["cuts"])[here["pp"]]
+    shard = ModelShard(model, start, stop, groups["tp"] if topology.tp > 1 else None, clock,
+                       options["algorithm"])
+    del model
+    optimizer = job.make_optimizer(shard.params)
+    comm.stats.reset()  # count the training's traffic, not the set-up's
+    last_stage = here["pp"] == topology.pp - 1
+    for t, batch in enumerate(job.global_batches(comm.rank)):
+        clock.begin(t)
+        a, b = shard_bounds(len(batch), here["dp"], topology.dp)
+        rows = batch[a:b]
+        loss, peak, peak_bytes = pipeline.run_batch(
+            shard, groups["pp"] if topology.pp > 1 else None, job.X[rows], job.y[rows],
+            (b - a) / len(batch), options["micro_batches"], options["schedule"], clock)
+        if topology.dp > 1:
+            clock.timed("comm", groups["dp"].all_reduce, shard.grads, "sum",
+                        options["algorithm"])
+        clock.trace.timed("optimizer", optimizer.step, shard.grads)
+        losses.append(loss if last_stage and here["tp"] == 0 else 0.0)  # report() sums them
+        peaks.append((peak, peak_bytes))
+        clock.end()
+    clock.compute = clock.step - clock.comm
+    _merge_stats(comm, groups.values())
+    out = report(comm, shard.params, losses, clock)
+    out["params"] = gather_params(comm, shard)
+    out["details"] = {**here, "layers": (start, stop), "shard": repr(shard),
+                      "param_bytes": shard.params.nbytes,
+                      "peak_activations": max(p for p, _ in peaks),
+                      "peak_activation_bytes": max(b for _, b in peaks)}
+    return out
+
+
+def _merge_stats(comm, groups):
+    """Add the sub-communicators' counters to the rank's own, operation by operation."""
+    for group in groups:
+        for op, counts in group.stats.ops.items():
+            total = comm.stats[op]
+            for name, value in vars(counts).items():
+                setattr(total, name, getattr(total, name) + value)
+
+
+def tensor_parallel_worker(comm, job):
+    """strategy="tensor_parallel": every rank the whole batch, the matrices split t ways."""
+    return worker(comm, job, Topology(tp=comm.world_size), tensor_parallel.OPTIONS)
+
+
+def pipeline_worker(comm, job):
+    """strategy="pipeline": one stage per rank."""
+    return worker(comm, job, Topology(pp=comm.world_size), pipeline.OPTIONS)
+
+
+def check_tensor_parallel(model_fn, workers, batch_size, options):
+    check_job(model_fn, workers, batch_size, {**options, "tp": workers},
+              tensor_parallel.OPTIONS)
+
+
+def check_pipeline(model_fn, workers, batch_size, options):
+    check_job(model_fn, workers, batch_size, {**options, "pp": workers}, pipeline.OPTIONS)

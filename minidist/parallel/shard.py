@@ -1,0 +1,124 @@
+"""The part of a model one rank holds: layers [start, stop) of a Sequential (a pipeline stage),
+each Linear whole or split over a tensor-parallel group, in this rank's own flat buffers.
+
+`index` says where each local element lives in the full model's flat buffer, so the full
+parameters are put back together at the end (`gather_params`) with one rule for every split:
+full[index] = local. Elements that several ranks hold (replicas) must agree.
+"""
+
+import numpy as np
+
+from minidist.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, plan
+
+
+def _views(model, flat):
+    """Per layer, {name: view of `flat` shaped like that parameter} (the model's layout)."""
+    out = []
+    for i, layer in enumerate(model.layers):
+        out.append({name: flat[model.slices[f"{i}.{name}"]].reshape(shape)
+                    for name, shape in layer.param_shapes().items()})
+    return out
+
+
+class ModelShard:
+    """Layers [start, stop) of `model`, split over `tp_comm` (None: kept whole).
+
+    forward(X) / backward(dY) run the local layers; the last stage also holds the loss:
+    loss(X, y) and backward() with no argument start from it. save() / restore(state) keep one
+    micro-batch's cached activations apart from the next one's.
+    """
+
+    def __init__(self, model, start=0, stop=None, tp_comm=None, clock=None, algorithm="auto"):
+        stop = len(model.layers) if stop is None else stop
+        rank, t = (0, 1) if tp_comm is None else (tp_comm.rank, tp_comm.world_size)
+        values = _views(model, model.params)
+        where = _views(model, np.arange(model.num_params))
+        self.layers, taken = [], []
+        for i, kind in plan(model.layers, start, stop) if tp_comm else [
+                (i, "whole") for i in range(start, stop)]:
+            full = model.layers[i]
+            if kind == "column":
+                layer = ColumnParallelLinear(full.d_in, full.d_out, tp_comm, clock, algorithm,
+                                             input_grad=i > 0)
+            elif kind == "row":
+                layer = RowParallelLinear(full.d_in, full.d_out, tp_comm, clock, algorithm)
+            else:
+                layer = full  # kept whole: the same layer, rebound to this shard's buffers
+            if kind == "whole":
+                taken.append((values[i], where[i]))
+            else:
+                taken.append((layer.take(**values[i], rank=rank, t=t),
+                              layer.take(**where[i], rank=rank, t=t)))
+            self.layers.append(layer)
+        sizes = [v.size for vals, _ in taken for v in vals.values()]
+        self.params = np.zeros(sum(sizes), model.dtype)
+        self.grads = np.zeros_like(self.params)
+        self.index = np.zeros(sum(sizes), np.int64)
+        offset = 0
+        for layer, (vals, idx) in zip(self.layers, taken, strict=True):
+            p_views, g_views = {}, {}
+            for name, shape in layer.param_shapes().items():
+                size = int(np.prod(shape))
+                p_views[name] = self.params[offset:offset + size].reshape(shape)
+                g_views[name] = self.grads[offset:offset + size].reshape(shape)
+                p_views[name][...] = vals[name]
+                self.index[offset:offset + size] = idx[name].ravel()
+                offset += size
+            layer.bind(p_views, g_views)
+        self.criterion = model.criterion if stop == len(model.layers) else None
+        self.full_size = model.num_params
+
+    def __repr__(self):
+        return f"ModelShard([{', '.join(map(repr, self.layers))}], params={self.params.size})"
+
+    def forward(self, X):
+        for layer in self.layers:
+            X = layer.forward(X)
+        return X
+
+    def loss(self, X, y):
+        """The last stage: forward, then the mean loss of the batch."""
+        return self.criterion.forward(self.forward(X), y)
+
+    def backward(self, dY=None):
+        """Overwrite `grads`; return ∂L/∂(this shard's input). dY=None: start from the loss."""
+        d = self.criterion.backward() if dY is None else dY
+        for layer in reversed(self.layers):
+            d = layer.backward(d)
+        return d
+
+    def save(self):
+        """The cached activations of the last forward (references; forward makes new arrays)."""
+        parts = self.layers + ([self.criterion] if self.criterion else [])
+        return [dict(vars(part)) for part in parts]
+
+    def restore(self, state):
+        parts = self.layers + ([self.criterion] if self.criterion else [])
+        for part, saved in zip(parts, state, strict=True):
+            vars(part).update(saved)
+
+
+def activation_bytes(state):
+    """Bytes of the activation arrays in a save() state (parameters are held in dicts)."""
+    return sum(v.nbytes for saved in state for v in saved.values() if isinstance(v, np.ndarray))
+
+
+def gather_params(comm, shard, tag=2**29):
+    """Rank 0 gets the full flat parameters (full[index] = local, over every rank), checking
+    that replicas agree; other ranks get None. Call it after report(): not training traffic."""
+    if comm.rank != 0:
+        comm.send(shard.index, 0, tag)
+        comm.send(shard.params, 0, tag)
+        return None
+    full = np.full(shard.full_size, np.nan, shard.params.dtype)
+    for r in range(comm.world_size):
+        index, values = ((shard.index, shard.params) if r == 0
+                         else (comm.recv(r, tag), comm.recv(r, tag)))
+        held = ~np.isnan(full[index])
+        if not np.allclose(full[index][held], values[held], rtol=1e-9, atol=1e-12):
+            raise RuntimeError(f"rank {r}'s copy of replicated parameters disagrees with "
+                               "another rank's: the replicas drifted apart")
+        full[index] = values
+    if np.isnan(full).any():
+        raise RuntimeError(f"{int(np.isnan(full).sum())} parameters are held by no rank")
+    return full
