@@ -22,6 +22,7 @@ demo: $(STAMP)  ## the main job, from the terminal
 
 test: $(STAMP) lint  ## every test, the lessons included
 	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests/cuda  # own process: CUDA simulator on unless there is a GPU
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:randomly lessons/
 
 lint: $(STAMP)

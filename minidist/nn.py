@@ -72,8 +72,10 @@ class Linear(Layer):
                 f"{self} holds {W.dtype} weights but got {X.dtype} input of shape {X.shape}; "
                 f"convert it with X.astype(np.{W.dtype})"
             )
-        self.X = X
         K = kernels.ops_for(X, W)
+        if kernels.is_device_array(W):
+            X = K.to_device(X)  # the batch crosses to the GPU once, for forward and backward
+        self.X = X
         return K.add_bias(K.matmul(X, W), self.params["b"])
 
     def backward(self, dY):
@@ -157,8 +159,11 @@ class SoftmaxCrossEntropy:
         if n and (labels.min() < 0 or labels.max() >= k):
             raise ValueError(f"{self}: labels must lie in [0, {k}), got [{labels.min()}, "
                              f"{labels.max()}]")
+        K = kernels.ops_for(logits)
+        if kernels.is_device_array(logits):
+            labels = K.to_device(labels, np.int64)  # over once, for forward and backward
         self.labels = labels
-        loss, self.probs = kernels.ops_for(logits).softmax_cross_entropy(logits, labels)
+        loss, self.probs = K.softmax_cross_entropy(logits, labels)
         return loss
 
     def backward(self):

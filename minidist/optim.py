@@ -5,6 +5,8 @@
     opt.step(model.grads)
 
 `lr` is a number or a schedule: a function of the step index t = 0, 1, 2, … returning the rate.
+The state arrays live where the parameters live (host, or the GPU for a model on "cuda"), and the
+update runs there: `kernels.ops_for(params)`.
 """
 
 import numpy as np
@@ -38,13 +40,14 @@ class Optimizer:
     state_names = ()
 
     def __init__(self, params, lr):
-        if not isinstance(params, np.ndarray) or params.ndim != 1:
+        is_array = isinstance(params, np.ndarray) or kernels.is_device_array(params)
+        if not is_array or params.ndim != 1:
             raise ValueError("optimizers take the model's flat 1-D parameter buffer "
                              f"(model.params), got {getattr(params, 'shape', type(params))}")
         self.params = params
         self.schedule = lr if callable(lr) else constant(float(lr))
         self.t = 0
-        self.state = {name: np.zeros_like(params) for name in self.state_names}
+        self.state = {name: kernels.zeros_like(params) for name in self.state_names}
 
     @property
     def lr(self):
@@ -61,7 +64,7 @@ class Optimizer:
 
     def state_dict(self):
         """A copy of everything needed to resume: the step counter and the state arrays."""
-        return {"t": self.t, **{k: v.copy() for k, v in self.state.items()}}
+        return {"t": self.t, **{k: kernels.to_host(v) for k, v in self.state.items()}}
 
     def load_state_dict(self, state):
         """Restore what `state_dict` returned (shapes are checked)."""
@@ -72,7 +75,7 @@ class Optimizer:
             if np.shape(state[name]) != self.params.shape:
                 raise ValueError(f"state {name!r} has shape {np.shape(state[name])}, "
                                  f"params have {self.params.shape}")
-            self.state[name][...] = state[name]
+            kernels.assign(self.state[name], state[name])
         self.t = int(state["t"])
 
 
@@ -89,8 +92,9 @@ class SGD(Optimizer):
         self.momentum, self.weight_decay = momentum, weight_decay
 
     def _update(self, grads, lr):
-        kernels.ops().sgd_update(self.params, grads, self.state["velocity"], lr,
-                                 self.momentum, self.weight_decay)
+        K = kernels.ops_for(self.params, grads)
+        K.sgd_update(self.params, grads, self.state["velocity"], lr, self.momentum,
+                     self.weight_decay)
 
 
 class Adam(Optimizer):
@@ -105,8 +109,9 @@ class Adam(Optimizer):
         self.betas, self.eps = tuple(betas), eps
 
     def _update(self, grads, lr):
-        kernels.ops().adam_update(self.params, grads, self.state["m"], self.state["v"], lr,
-                                  *self.betas, self.eps, self.t + 1)
+        K = kernels.ops_for(self.params, grads)
+        K.adam_update(self.params, grads, self.state["m"], self.state["v"], lr, *self.betas,
+                      self.eps, self.t + 1)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam}

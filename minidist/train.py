@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minidist import data, optim
+from minidist import data, kernels, optim
 from minidist.parallel import data_parallel, distributed_gd, hybrid, pipeline, tensor_parallel
 from minidist.parallel.job import Job
 from minidist.ps import training as parameter_server
@@ -172,6 +172,7 @@ def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_op
         _check_finite(loss[t:t + 1], opt.lr)
         opt.step(model.grads)
         step_time[t] = time.perf_counter() - start
-    return History(strategy="single", workers=1, model_fn=model_fn, params=model.params.copy(),
+    return History(strategy="single", workers=1, model_fn=model_fn,
+                   params=kernels.to_host(model.params),
                    loss=loss, step_time=step_time, compute_time=step_time.copy(),
                    comm_time=np.zeros(steps), bytes_sent=[0])

@@ -6,13 +6,26 @@ from minidist.kernels import numpy_ops as K
 
 
 def test_device_switch():
+    """This run has the simulator off (tests/cuda/ runs with it on, in its own pytest call)."""
     assert kernels.device() == "numpy"
-    assert kernels.use("auto") == "numpy" and kernels.device() == "numpy"
+    assert kernels.use("numpy") == "numpy" and kernels.ops() is K
     with pytest.raises(ValueError, match="unknown device 'tpu'.*numpy"):
         kernels.use("tpu")
-    with pytest.raises(ValueError, match="CUDA"):
-        kernels.use("cuda")
-    assert kernels.ops() is K
+    assert kernels.ops_for(np.zeros(2), 1.0) is K
+    if kernels.cuda_mode() is None:  # no GPU: "auto" is numpy, "cuda" says how to simulate
+        assert kernels.use("auto") == "numpy" and kernels.device() == "numpy"
+        with pytest.raises(RuntimeError, match="no CUDA GPU.*NUMBA_ENABLE_CUDASIM=1"):
+            kernels.use("cuda")
+        assert kernels.device() == "numpy"
+
+
+def test_fused_bias_activation_reference():
+    Z, b = np.array([[-1.0, 0.5], [2.0, -3.0]]), np.array([0.5, 1.0])
+    np.testing.assert_array_equal(K.add_bias(Z, b), Z + b)
+    np.testing.assert_array_equal(K.add_bias(Z, b, "relu"), [[0.0, 1.5], [2.5, 0.0]])
+    np.testing.assert_allclose(K.add_bias(Z, b, "tanh"), np.tanh(Z + b))
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        K.add_bias(Z, b, "gelu")
 
 
 def test_matmul_family_against_loops():
