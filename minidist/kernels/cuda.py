@@ -40,7 +40,7 @@ def threads_per_block():
     return 32 if _simulated() else 256
 
 
-def _grid(n):
+def blocks_for(n):
     """Enough blocks for a grid-stride loop over n elements (capped: each thread loops)."""
     return max(1, min(math.ceil(n / threads_per_block()), 2 if _simulated() else 4096))
 
@@ -71,7 +71,7 @@ def zeros(shape, dtype):
     out = cuda.device_array(shape, dtype)
     flat = out.reshape(out.size)
     if out.size:
-        ew.fill[_grid(out.size), threads_per_block()](flat, 0.0)
+        ew.fill[blocks_for(out.size), threads_per_block()](flat, 0.0)
     return out
 
 
@@ -110,8 +110,9 @@ def _matmul(A, B, trans_a, trans_b, what):
 
 
 def matmul(A, B):
-    """C = A B. One block per 128 × 128 tile of C (8 × 8 in the simulator); each thread computes
-    an 8 × 8 (2 × 2) sub-tile of it in registers from shared-memory slices of A and B."""
+    """C = A B. One block per 128 × 128 tile of C (float32; 64 × 64 for float64, 16 × 16 in the
+    simulator); each of its 256 (16) threads computes an 8 × 8 (4 × 4) sub-tile in registers
+    from shared-memory slices of A and B."""
     return _matmul(A, B, False, False, "matmul")
 
 
@@ -134,7 +135,7 @@ def _bias_activation(Z, b, activation):
     if Z.size:
         kernel = ew.bias_activation_kernel(ew.ACTIVATIONS[activation], b is not None)
         bias, d = (to_device(b, Z.dtype), b.shape[0]) if b is not None else (_flat(Z), 1)
-        kernel[_grid(Z.size), threads_per_block()](_flat(Z), bias, d, _flat(out))
+        kernel[blocks_for(Z.size), threads_per_block()](_flat(Z), bias, d, _flat(out))
     return _result(out, keep)
 
 
@@ -164,7 +165,7 @@ def _activation_backward(dY, saved, activation):
     dZ = cuda.device_array(dY.shape, dY.dtype)
     if dY.size:
         kernel = ew.activation_backward_kernel(ew.ACTIVATIONS[activation])
-        kernel[_grid(dY.size), threads_per_block()](_flat(dY), _flat(saved), _flat(dZ))
+        kernel[blocks_for(dY.size), threads_per_block()](_flat(dY), _flat(saved), _flat(dZ))
     return _result(dZ, keep)
 
 
@@ -178,7 +179,8 @@ def tanh_backward(dY, Y):
     return _activation_backward(dY, Y, "tanh")
 
 
-def _reduce_threads():
+def reduce_threads_per_block():
+    """T for the tree reductions: 256 on a GPU, 8 in the simulator (its barriers are slow)."""
     return 8 if _simulated() else 256
 
 
@@ -189,7 +191,7 @@ def total(x, square=False):
     if x.size == 0:
         return 0.0
     blocks = 8 if _simulated() else 1024
-    result = cuda_reduce.total(_flat(x), _reduce_threads(), blocks, square)
+    result = cuda_reduce.total(_flat(x), reduce_threads_per_block(), blocks, square)
     return to_host(result)[0]
 
 
@@ -217,8 +219,8 @@ def softmax_cross_entropy(logits, labels):
     if n == 0:
         return math.nan, _result(probs, keep)
     row_loss = cuda.device_array(n, z.dtype)
-    kernel = cuda_reduce.softmax_cross_entropy_kernel(np.dtype(z.dtype), _reduce_threads())
-    kernel[n, _reduce_threads()](z, to_device(labels, np.int64), probs, row_loss)
+    kernel = cuda_reduce.softmax_cross_entropy_kernel(np.dtype(z.dtype), reduce_threads_per_block())
+    kernel[n, reduce_threads_per_block()](z, to_device(labels, np.int64), probs, row_loss)
     return float(total(row_loss)) / n, _result(probs, keep)
 
 
@@ -229,7 +231,7 @@ def softmax_cross_entropy_backward(probs, labels):
     n, k = probs.shape
     grad = cuda.device_array((n, k), probs.dtype)
     if probs.size:
-        ew.softmax_cross_entropy_backward[_grid(probs.size), threads_per_block()](
+        ew.softmax_cross_entropy_backward[blocks_for(probs.size), threads_per_block()](
             _flat(probs), to_device(labels, np.int64), k, 1.0 / n, _flat(grad))
     return _result(grad, keep)
 
@@ -243,7 +245,7 @@ def mse(pred, target):
     pred, target = to_device(pred), to_device(target, pred.dtype)
     residual = cuda.device_array(pred.shape, pred.dtype)
     if pred.size:
-        ew.subtract[_grid(pred.size), threads_per_block()](_flat(pred), _flat(target),
+        ew.subtract[blocks_for(pred.size), threads_per_block()](_flat(pred), _flat(target),
                                                             _flat(residual))
     loss = 0.5 * float(total(residual, square=True)) / pred.shape[0]
     return loss, _result(residual, keep)
@@ -255,7 +257,7 @@ def mse_backward(residual):
     residual = to_device(residual)
     out = cuda.device_array(residual.shape, residual.dtype)
     if residual.size:
-        ew.scale[_grid(residual.size), threads_per_block()](1.0 / residual.shape[0],
+        ew.scale[blocks_for(residual.size), threads_per_block()](1.0 / residual.shape[0],
                                                             _flat(residual), _flat(out))
     return _result(out, keep)
 
@@ -264,7 +266,8 @@ def _in_place(kernel, arrays, scalars, written):
     """Run an update kernel over flat buffers; host arrays go over and the `written` come back."""
     device = [to_device(a) for a in arrays]
     if device[0].size:
-        kernel[_grid(device[0].size), threads_per_block()](*[_flat(a) for a in device], *scalars)
+        flat = [_flat(a) for a in device]
+        kernel[blocks_for(device[0].size), threads_per_block()](*flat, *scalars)
     for i in written:
         if device[i] is not arrays[i]:
             arrays[i][...] = to_host(device[i])
