@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: lab demo test lint lessons bench bench-allreduce bench-data-parallel bench-kernels clean
+.PHONY: lab demo test lint lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
@@ -41,7 +41,10 @@ bench-data-parallel: $(VENV)/.bench  ## data_parallel vs PyTorch DDP (gloo), 1 a
 bench-kernels: $(VENV)/.bench  ## CUDA kernels vs cuBLAS, PyTorch and a device copy (GPU)
 	$(BIN)/python benchmarks/kernels.py
 
-bench: bench-allreduce bench-data-parallel bench-kernels  ## every benchmark; results in benchmarks/results/
+bench-ps: $(VENV)/.bench  ## parameter server vs a Queue server and torch RPC; BSP/ASP/SSP straggler
+	$(BIN)/python benchmarks/parameter_server.py
+
+bench: bench-allreduce bench-data-parallel bench-kernels bench-ps  ## every benchmark; results in benchmarks/results/
 
 lessons: $(STAMP)  ## re-execute every lesson in place (commit them executed)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace lessons/*.ipynb

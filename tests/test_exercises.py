@@ -216,3 +216,36 @@ def test_check_bucket_slices_passes_the_right_answer_and_explains_wrong_ones():
     for hint, fn in cases.items():
         result = exercises.check_bucket_slices(fn)
         assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_ssp_rule_checker():
+    assert exercises.check_ssp_rule(lambda c, slowest, s: c - slowest <= s)
+    cases = {
+        "the bound is ≤ s, not < s": lambda c, slowest, s: c - slowest < s,
+        "must wait": lambda c, slowest, s: True,
+        "may pull": lambda c, slowest, s: c - slowest <= s - 1 if s else c == slowest,
+        "return True or False": lambda c, slowest, s: None,
+        "raised ZeroDivisionError": lambda c, slowest, s: 1 / 0,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_ssp_rule(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_server_traffic_checker():
+    def right(n, itemsize, workers, k):
+        return 2 * workers * -(-n // k) * itemsize
+
+    assert exercises.check_server_traffic(right)
+    cases = {
+        "one direction only": lambda n, i, w, k: w * -(-n // k) * i,
+        "divide the parameters": lambda n, i, w, k: 2 * w * n * i,
+        "multiply the elements by itemsize": lambda n, i, w, k: 2 * w * -(-n // k),
+        "not ⌊n/k⌋": lambda n, i, w, k: 2 * w * (n // k) * i,
+        "multiply by W": lambda n, i, w, k: 2 * -(-n // k) * i,
+        "expected": lambda n, i, w, k: 0,
+        "raised KeyError": lambda n, i, w, k: {}[n],
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_server_traffic(fn)
+        assert not result and hint in result.message, (hint, result)

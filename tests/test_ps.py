@@ -256,3 +256,27 @@ def test_every_start_method_runs_a_notebook_style_function(start_method):
     result = ps.run(pushes, 2, np.zeros(3), lr=0.5, consistency="asp", num_servers=2,
                     start_method=start_method, timeout=60)
     np.testing.assert_array_equal(result.params, np.full(3, -10.0))
+
+
+def test_the_lesson_experiment_reports_each_consistency_model():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minidist.ps import explorer
+
+    result = explorer.consistency_experiment(workers=2, staleness=1, slowdown=2.0, steps=10,
+                                             batch_size=32, sizes=(64, 8, 10))
+    bsp, asp, ssp = result.runs
+    assert [r.label for r in result.runs] == ["BSP", "ASP", "SSP (s=1)"]
+    assert all(len(r.staleness) == 20 and r.loss.shape == (10,) for r in result.runs)
+    assert bsp.max_gap == 0 and not bsp.staleness.any() and ssp.max_gap <= 1
+    assert np.all(np.diff(asp.times) >= 0) and len(asp.smoothed) == 20
+    assert len(explorer.plot_consistency(result).axes) == 3
+    explorer.plot_architecture(3, 2)
+
+
+def test_traffic_per_step_matches_the_formula():
+    from minidist.ps.explorer import traffic_per_step
+
+    assert traffic_per_step(100, 4, 1) == {"server": 800, "ps_busiest": 800, "ring": 300}
+    assert traffic_per_step(100, 4, 4)["ps_busiest"] == 200  # a worker's 2n

@@ -80,12 +80,14 @@ def train_parameter_server(job, workers, backend, timeout):
 
 
 def loss_over_time(history):
-    """(seconds since the start, loss) as the workers reported it: after each push, the mean of
-    the last W reports' |B_k|/|B|-normalised losses (one global batch's worth, smoothed)."""
+    """(seconds since the first pull, loss) as the workers reported it: after each push, the
+    mean of the last W reports' |B_k|/|B|-normalised losses (one global batch's worth)."""
+    logs = [log for log in history.ps["log"] if log is not None and len(log)]
+    origin = min(log[0, 1] for log in logs)  # process start-up is not training time
     points = []
     for rows, log in zip(history.ps["worker_loss"], history.ps["log"], strict=True):
         if rows is not None:
-            points += zip(log[:, 4], rows[:, 1] / rows[:, 2], strict=True)
+            points += zip(log[:, 4] - origin, rows[:, 1] / rows[:, 2], strict=True)
     points.sort()
     times = np.array([p[0] for p in points])
     losses = np.array([p[1] for p in points])
