@@ -249,3 +249,22 @@ def test_server_traffic_checker():
     for hint, fn in cases.items():
         result = exercises.check_server_traffic(fn)
         assert not result and hint in result.message, (hint, result)
+
+
+def test_matmul_traffic_checker():
+    def right(M, N, K, BM, BN):
+        return M * K * -(-N // BN), K * N * -(-M // BM)
+
+    assert exercises.check_matmul_traffic(right)
+    cases = {
+        "naive kernel": lambda M, N, K, BM, BN: (M * N * K, M * N * K),
+        "⌈N/BN⌉ block columns, not ⌊N/BN⌋": lambda M, N, K, BM, BN: (M * K * (N // BN),
+                                                                      K * N * (M // BM)),
+        "re-read by every block column": lambda M, N, K, BM, BN: (M * K * -(-M // BM),
+                                                                  K * N * -(-N // BN)),
+        "how many blocks load it": lambda M, N, K, BM, BN: (M * K, K * N),
+        "raised ZeroDivisionError": lambda M, N, K, BM, BN: 1 / 0,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_matmul_traffic(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
