@@ -280,3 +280,52 @@ def test_traffic_per_step_matches_the_formula():
 
     assert traffic_per_step(100, 4, 1) == {"server": 800, "ps_busiest": 800, "ring": 300}
     assert traffic_per_step(100, 4, 4)["ps_busiest"] == 200  # a worker's 2n
+
+
+def _hangs(client):
+    for c in range(5):
+        client.pull()
+        if client.rank == 1 and c == 2:
+            time.sleep(60)
+        client.push(np.ones(client.n))
+
+
+def test_a_hung_worker_ends_the_run_with_a_timeout_naming_it():
+    from minidist.errors import CommTimeout
+
+    start = time.monotonic()
+    with pytest.raises(CommTimeout, match="did not finish within 2") as info:
+        ps.run(_hangs, 2, np.zeros(3), timeout=2.0)
+    assert time.monotonic() - start < 10
+    assert info.value.pending[1] == "clock 2: computing"
+    assert info.value.pending[0] == "clock 2: pushing"  # BSP: waiting for worker 1's gradient
+
+
+def _socket_inodes(pid):
+    inodes = set()
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def _network_sockets(client):
+    tcp = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6", "/proc/net/udp", "/proc/net/udp6"):
+        if os.path.exists(table):
+            with open(table) as f:
+                tcp |= {line.split()[9] for line in f.readlines()[1:]}
+    mine = set().union(*(_socket_inodes(pid) for pid in [os.getpid(), *client.server_pids]))
+    client.pull()
+    client.push(np.zeros(client.n))
+    return sorted(mine & tcp)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
+def test_no_network_socket_is_opened():
+    result = ps.run(_network_sockets, 2, np.zeros(3), num_servers=2)
+    assert result.results == [[], []]  # servers and workers talk over pipes only
