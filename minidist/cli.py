@@ -17,7 +17,9 @@ from minidist.train import train
 
 MODEL = [64, 128, 10]  # the digits MLP every command trains
 SETTINGS = {"batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
-TOUR = [("single", {}), ("distributed_gd", {}), ("data_parallel", {})]
+TOUR = [("single", {}), ("distributed_gd", {}), ("data_parallel", {}),
+        ("parameter_server", {"consistency": "bsp"})]
+PROCESS_ONLY = {"parameter_server"}  # servers and workers are always OS processes
 
 
 def _digits(seed):
@@ -54,7 +56,9 @@ def tour(workers=4, backend="process", steps=300, seed=0, outdir="minidist-tour"
           f"samples, SGD with momentum; {workers} workers on the {backend} backend\n")
     histories, rows = {}, []
     for strategy, options in TOUR:
-        hist, row = train_one(strategy, workers, backend, steps, seed, **options)
+        hist, row = train_one(strategy, workers,
+                              "process" if strategy in PROCESS_ONLY else backend, steps, seed,
+                              **options)
         histories[strategy], rows = hist, rows + [row]
     reference = histories["single"].params
     for row in rows:
