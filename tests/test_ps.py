@@ -329,3 +329,15 @@ def _network_sockets(client):
 def test_no_network_socket_is_opened():
     result = ps.run(_network_sockets, 2, np.zeros(3), num_servers=2)
     assert result.results == [[], []]  # servers and workers talk over pipes only
+
+
+def _kill_server_after_last_push(client):
+    for _ in range(3):
+        client.pull()
+        client.push(np.ones(client.n))
+    os.kill(client.server_pids[0], signal.SIGKILL)
+
+
+def test_a_server_that_dies_at_the_very_end_is_still_named():
+    with pytest.raises(ServerError, match="shard 0 failed"):
+        ps.run(_kill_server_after_last_push, 1, np.zeros(3), timeout=20)

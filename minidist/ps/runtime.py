@@ -199,8 +199,11 @@ class _Supervisor:
         reason = str(error).splitlines()[0]
         self.events.append(f"worker {w} failed at {self.control.get_status(w)!r} ({reason}); "
                            f"the run continued with the {len(alive)} remaining workers")
-        for order in self.orders:
-            order.send(("dead", w))
+        for j, order in enumerate(self.orders):
+            try:
+                order.send(("dead", w))
+            except OSError:  # that server is gone too
+                self._server_failed(j, waiting)
 
     def _server_failed(self, j, waiting):
         why = "its process ended"
@@ -227,9 +230,12 @@ class _Supervisor:
         """Stop the servers, reassemble θ from the shards and merge their records."""
         pieces, records = [], []
         for j, order in enumerate(self.orders):
-            order.send(("stop",))
-            message = order.recv() if order.poll(self.timeout) else \
-                ("error", f"no final state within {self.timeout} s", "")
+            try:
+                order.send(("stop",))
+                message = order.recv() if order.poll(self.timeout) else \
+                    ("error", f"no final state within {self.timeout} s", "")
+            except (EOFError, OSError):
+                message = ("error", "its process ended before sending its final state", "")
             if message[0] != "final":
                 raise ServerError(j, f"{message[1]}\n{message[2]}".rstrip())
             pieces.append(message[1])
