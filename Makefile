@@ -5,13 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: lab demo test lint lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels clean
+.PHONY: lab demo test lint docs chromium lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[lessons,dev,mpi]'
+	$(BIN)/python -m pip install --quiet -e '.[lessons,dev,mpi,docs]'
 	@touch $@
 
 lab: $(STAMP)  ## open the lessons in JupyterLab
@@ -20,13 +20,18 @@ lab: $(STAMP)  ## open the lessons in JupyterLab
 demo: $(STAMP)  ## the main job, from the terminal
 	$(BIN)/python -m minidist tour
 
-test: $(STAMP) lint  ## every test, the lessons included
+test: $(STAMP) lint chromium  ## every test, the lessons included
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest tests/cuda  # own process: CUDA simulator on unless there is a GPU
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:randomly lessons/
 
 lint: $(STAMP)
 	$(BIN)/ruff check minidist tests
+
+chromium:  ## Debian's chromium for tests/test_browser.py (apt-get as root; else the test skips)
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium; }; } || echo "no /usr/bin/chromium: the browser test skips"
 
 $(VENV)/.bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
