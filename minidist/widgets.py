@@ -233,3 +233,23 @@ def plot_linear_scaling(runs, fig=None, window_samples=None):
     ax_lr.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def pipeline_explorer(forward=1.0, backward=2.0):
+    """Sliders for stages (1–8) and micro-batches (1–32); the callback is exactly
+    minidist.viz.plot_schedules (GPipe and 1F1B, bubble, stored activations)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from minidist import viz
+
+    style = {"continuous_update": False, "style": {"description_width": "initial"}}
+    controls = {"stages": w.IntSlider(value=4, min=1, max=8, description="stages p", **style),
+                "micro_batches": w.IntSlider(value=8, min=1, max=32,
+                                             description="micro-batches m", **style)}
+
+    def show(stages, micro_batches):  # the thin wrapper: no logic here
+        viz.plot_schedules(stages, micro_batches, forward, backward)
+        plt.show()
+
+    return w.VBox([w.HBox(list(controls.values())), w.interactive_output(show, controls)])

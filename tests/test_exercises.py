@@ -218,6 +218,44 @@ def test_check_bucket_slices_passes_the_right_answer_and_explains_wrong_ones():
         assert not result and hint in result.message and "✘" in repr(result), (hint, result)
 
 
+def test_row_parallel_backward_checker():
+    assert exercises.check_row_parallel_backward(lambda X, W, dY: (X.T @ dY, dY.sum(0), dY @ W.T))
+    cases = {  # with t = 2 ranks
+        "db is 1/t of the answer": lambda X, W, dY: (X.T @ dY, dY.sum(0) / 2, dY @ W.T),
+        "t times too large": lambda X, W, dY: (X.T @ dY, dY.sum(0), 2 * dY @ W.T),
+        "dX_k should have shape": lambda X, W, dY: (X.T @ dY, dY.sum(0), dY),
+        "dW_k should have shape": lambda X, W, dY: (dY.T @ X, dY.sum(0), dY @ W.T),
+        "dW_k is wrong": lambda X, W, dY: (-X.T @ dY, dY.sum(0), dY @ W.T),
+        "three arrays": lambda X, W, dY: (X.T @ dY, dY.sum(0)),
+        "raised ZeroDivisionError": lambda X, W, dY: 1 / 0,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_row_parallel_backward(fn, world_sizes=(2,))
+        assert not result and hint in result.message, (hint, result)
+
+
+def test_bubble_fraction_checker():
+    assert exercises.check_bubble_fraction(lambda p, m: (p - 1) / (m + p - 1))
+    wrong = exercises.check_bubble_fraction(lambda p, m: (p - 1) / m)
+    assert not wrong and "idle time over *useful* time" in wrong.message
+    wrong = exercises.check_bubble_fraction(lambda p, m: 0.0)
+    assert not wrong and "Count the slots" in wrong.message
+
+
+def test_tensor_parallel_params_checker():
+    assert exercises.check_tensor_parallel_params(
+        lambda d_in, h, d_out, t: (d_in * h + h + h * d_out) // t + d_out)
+    cases = {
+        "split the second layer's bias too": lambda d_in, h, d_out, t: (
+            (d_in * h + h + h * d_out + d_out) // t),
+        "biases are missing": lambda d_in, h, d_out, t: (d_in * h + h * d_out) // t,
+        "a rank stores 108 parameters, you said 128": lambda d_in, h, d_out, t: d_in * h,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_tensor_parallel_params(fn)
+        assert not result and hint in result.message, (hint, result)
+
+
 def test_ssp_rule_checker():
     assert exercises.check_ssp_rule(lambda c, slowest, s: c - slowest <= s)
     cases = {

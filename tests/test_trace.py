@@ -72,3 +72,26 @@ def test_every_strategy_records_a_timeline(problem, strategy, options, tmp_path)
     ax = hist.timeline(steps=[1])
     assert len(ax.patches) == sum(e[3] == 1 for events in hist.events for e in events)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["rank 0", "rank 1"]
+
+
+def test_plot_schedules_titles_carry_the_measured_bubble():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minidist import viz
+
+    fig = viz.plot_schedules(3, 5)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:2] == ["GPipe: bubble 0.286 (formula 0.286)",
+                          "1F1B: bubble 0.286 (formula 0.286)"]
+    held = [patch.get_width() for patch in fig.axes[2].patches]
+    assert held == [5, 5, 5, 3, 2, 1]  # GPipe keeps m; 1F1B keeps p − s
+
+
+def test_pipeline_explorer_is_a_panel_of_two_sliders():
+    pytest.importorskip("ipywidgets")
+    from minidist import widgets
+
+    panel = widgets.pipeline_explorer()
+    sliders = panel.children[0].children
+    assert [s.description for s in sliders] == ["stages p", "micro-batches m"]
