@@ -78,8 +78,8 @@ def plot_consistency(result, fig=None):
     axes[0].set(xlabel="step (clock)", ylabel="loss", title="loss against steps")
     axes[1].set(xlabel="wall-clock seconds", ylabel="reported loss (smoothed)",
                 title=f"loss against time (worker slowed {s['slowdown']:g}×)")
-    axes[2].set(xlabel="staleness τ (updates between pull and apply)",
-                ylabel="gradients", title="staleness of the applied gradients")
+    axes[2].set(xlabel="staleness τ (updates between pull and apply)", yscale="log",
+                ylabel="gradients (log scale)", title="staleness of the applied gradients")
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
