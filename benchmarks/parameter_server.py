@@ -241,7 +241,32 @@ def main():
                               "slow_workers": {"1": 3.0}, "results": straggler}}
     path = RESULTS / "parameter_server.json"
     path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    plot(out, RESULTS / "parameter_server.png")
+    print(f"wrote {path} and parameter_server.png")
+
+
+def plot(out, path):
+    """Round trips per second against the vector size; time to the target loss per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rate, ax_time) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for peer in dict.fromkeys(r["peer"] for r in out["round_trips"]):
+        rows = [r for r in out["round_trips"] if r["peer"] == peer]
+        ax_rate.loglog([r["n"] for r in rows], [r["MB_per_s"] for r in rows], "o-", label=peer)
+    ax_rate.set(xlabel="float32 parameters", ylabel="MB/s pushed + pulled (2 workers)",
+                title="push + pull round trips")
+    ax_rate.legend()
+    target = out["time_to_target"]
+    labels = list(target["results"])
+    ax_time.bar(labels, [target["results"][k]["median_seconds_to_target"] for k in labels],
+                color=["tab:blue", "tab:red", "tab:green"])
+    ax_time.set(ylabel="seconds (median)", title=f"time to loss {target['target_loss']}, "
+                f"{target['workers']} workers, worker 1 slowed 3×")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
