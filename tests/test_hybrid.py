@@ -92,3 +92,14 @@ def test_bad_hybrid_shapes_are_named(problem, options, match):
     with pytest.raises(ValueError, match=match):
         train(model_fn, X, y, strategy="hybrid", backend="thread", steps=1, batch_size=30,
               **options)
+
+
+@pytest.mark.parametrize("strategy, workers, options", [
+    ("tensor_parallel", 4, {}), ("pipeline", 3, {"micro_batches": 4, "schedule": "1f1b"}),
+    ("hybrid", 8, {"dp": 2, "tp": 2, "pp": 2, "micro_batches": 2})])
+def test_model_parallel_strategies_reproduce_single_under_mpi(problem, strategy, workers, options):
+    model_fn, X, y, kwargs, reference = problem
+    hist = train(model_fn, X, y, strategy=strategy, workers=workers, backend="mpi", **kwargs,
+                 **options)
+    np.testing.assert_allclose(hist.params, reference.params, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(hist.loss, reference.loss, rtol=1e-10)
