@@ -14,6 +14,7 @@ device's. numba is imported only when "cuda" or "auto" is asked for, so a notebo
 the simulator on after `import minidist`.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -141,7 +142,9 @@ def cuda_mode():
     return "gpu" if _gpu_in_child_process() else None
 
 
+@functools.cache
 def _gpu_in_child_process(timeout=120):
+    """Whether numba, imported in a fresh Python with the simulator off, sees a CUDA GPU."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
     probe = "from numba import cuda; print(cuda.is_available())"
     try:
