@@ -1,6 +1,7 @@
 """The parameter server: BSP is synchronous SGD, no update is lost, SSP keeps its bound,
 failures are named and leave nothing behind, checkpoints resume exactly."""
 
+import contextlib
 import functools
 import glob
 import multiprocessing as mp
@@ -341,3 +342,44 @@ def _kill_server_after_last_push(client):
 def test_a_server_that_dies_at_the_very_end_is_still_named():
     with pytest.raises(ServerError, match="shard 0 failed"):
         ps.run(_kill_server_after_last_push, 1, np.zeros(3), timeout=20)
+
+
+ORPHAN_RUN = r"""
+import sys, time
+import numpy as np
+from minidist import ps
+
+def fn(client, flag):
+    client.pull()
+    if client.rank == 1:
+        open(flag, "w").close()
+        time.sleep(600)                      # stuck in its own code: only a signal ends it
+    client.push(np.ones(client.n))           # worker 0 waits for worker 1 (BSP)
+
+ps.run(fn, 2, np.zeros(3), num_servers=2, timeout=600, args=(sys.argv[1],))
+"""
+
+
+def test_killing_the_caller_leaves_no_segment_behind(tmp_path):
+    import subprocess
+    import sys
+
+    flag = tmp_path / "ready"
+    caller = subprocess.Popen([sys.executable, "-c", ORPHAN_RUN, str(flag)])
+    deadline = time.monotonic() + 60
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(caller.pid)],
+                                                   capture_output=True, text=True).stdout.split()]
+    assert flag.exists() and len(children) == 4  # 2 servers, 2 workers
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 10
+    while glob.glob(f"/dev/shm/md{caller.pid}_*") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert glob.glob(f"/dev/shm/md{caller.pid}_*") == []  # the servers unlinked them
+    for pid in children:  # worker 1 sleeps in user code; the others left on their own
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError), \
+                open(f"/proc/{pid}/stat") as f:
+            if f.read().split()[2] != "Z":
+                os.kill(pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ a hang. `slow_factor` f > 1 makes this worker a straggler: before each push it s
 times the time it spent since its pull, so its steps take f times as long.
 """
 
+import os
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ class PSClient:
         self.n = bounds[-1][1]
         self.slow_factor = slow_factor
         self.start_time = time.monotonic() if start_time is None else start_time
+        self.parent = os.getppid()  # if the caller goes away, stop waiting
         self.control = Control(prefix, world_size)
         self.shards = [ShardMemory(prefix, j, hi - lo, world_size, dtype)
                        for j, (lo, hi) in enumerate(bounds)]
@@ -108,6 +110,8 @@ class PSClient:
             why = self.control.aborted()
             if why:
                 raise ServerError(j, f"worker {self.rank} stopped waiting for {kind}: {why}")
+            if os.getppid() != self.parent:
+                raise RuntimeError(f"worker {self.rank}: the caller that started the run is gone")
             if time.monotonic() > deadline:
                 raise CommTimeout(f"worker {self.rank} waited {self.timeout} s for {kind} "
                                   f"from server shard {j}")

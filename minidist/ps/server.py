@@ -15,6 +15,8 @@ order, so a BSP run is deterministic. If workers died (elastic), the step applie
 mean of the gradients that arrived: Σ_k g_k / Σ_k weight_k.
 """
 
+import contextlib
+import glob
 import os
 import traceback
 from multiprocessing.connection import wait
@@ -151,7 +153,10 @@ def serve(shard, lo, hi, params, workers, config_bytes, prefix, conns, control, 
         while os.getppid() == parent:
             for conn in wait([*readers, control], timeout=0.5):
                 if conn is control:
-                    message = control.recv()
+                    try:
+                        message = control.recv()
+                    except (EOFError, OSError):
+                        break  # the caller is gone
                     if message[0] == "stop":
                         control.send(("final", server.params, server.records()))
                         return
@@ -163,8 +168,12 @@ def serve(shard, lo, hi, params, workers, config_bytes, prefix, conns, control, 
                     del readers[conn]
                     continue
                 server.handle(readers[conn], message)
+        for path in glob.glob(f"/dev/shm/{prefix}_*"):  # the caller was killed: nobody
+            with contextlib.suppress(FileNotFoundError):  # else will clean up
+                os.unlink(path)
     except BaseException as exc:  # noqa: BLE001 - reported to the caller, then this process ends
-        control.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        with contextlib.suppress(OSError):
+            control.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
         if memory is not None:
             memory.close()
