@@ -90,6 +90,7 @@ def check_job(model_fn, workers, batch_size, options, defaults=OPTIONS):
 
 
 def worker(comm, job, topology=None, defaults=OPTIONS):
+    """strategy="hybrid" (and, with a fixed topology, the two model-parallel strategies)."""
     options = {**OPTIONS, **defaults, **job.options}
     topology = topology or Topology(options["dp"], options["tp"], options["pp"])
     groups = topology.split(comm)
