@@ -20,10 +20,14 @@ lab: $(STAMP)  ## open the lessons in JupyterLab
 demo: $(STAMP)  ## the main job, from the terminal
 	$(BIN)/python -m minidist tour
 
-test: $(STAMP) lint chromium  ## every test, the lessons included
+test: $(STAMP) lint chromium  ## every test, the lessons included, then the docs build
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest tests/cuda  # own process: CUDA simulator on unless there is a GPU
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:randomly lessons/
+	$(MAKE) --no-print-directory docs
+
+docs: $(STAMP)  ## the docs site into site/ (strict: any warning fails the build)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides warnings from --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check minidist tests
@@ -55,4 +59,4 @@ lessons: $(STAMP)  ## re-execute every lesson in place (commit them executed)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace lessons/*.ipynb
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info
