@@ -96,13 +96,13 @@ def ops(device=None):
 
 def is_device_array(x):
     """True for a numba CUDA device array (or the simulator's stand-in for one)."""
-    return getattr(x, "__cuda_ndarray__", False)
+    return type(x) is not np.ndarray and getattr(x, "__cuda_ndarray__", False)
 
 
 def ops_for(*arrays):
     """The ops that can take these arrays: cuda if one lives on the device, else the selected."""
     for x in arrays:
-        if is_device_array(x):
+        if type(x) is not np.ndarray and getattr(x, "__cuda_ndarray__", False):
             return _cuda_ops()
     return _DEVICES[_current]
 
@@ -114,7 +114,9 @@ def to_host(x):
 
 def assign(dst, src):
     """dst[...] = src, for host and device arrays of the same shape (device to device stays)."""
-    if is_device_array(dst):
+    if type(dst) is np.ndarray and type(src) is np.ndarray:  # the numpy path, kept as fast
+        dst[...] = src
+    elif is_device_array(dst):
         dst.copy_to_device(src if is_device_array(src) else np.ascontiguousarray(src, dst.dtype))
     else:
         dst[...] = to_host(src) if is_device_array(src) else src
