@@ -63,7 +63,13 @@ def run(worker_fn, workers, params, optimizer="sgd", lr=0.1, optimizer_options=N
         timeout=60.0, checkpoint_dir=None, checkpoint_every=0, resume=False, args=(),
         start_method=None, threads=1):
     """Run worker_fn(client, *args) on `workers` processes against `num_servers` servers that
-    hold `params` (a 1-D float array) and update it with `optimizer`; returns a PSResult."""
+    hold `params` (a 1-D float array) and update it with `optimizer`; returns a PSResult.
+
+    consistency "bsp" | "asp" | "ssp" (with staleness=s); slow_workers={rank: factor} makes
+    stragglers; elastic=True lets the run go on when a worker dies. checkpoint_dir with
+    checkpoint_every=N saves every N-th update of each shard; resume=True restarts from the
+    newest version all shards wrote (exact for BSP; ASP and SSP restart each worker at its
+    smallest clock over the shards, so a few gradients may be applied twice)."""
     params, slow = _check(worker_fn, workers, params, consistency, staleness, num_servers,
                           slow_workers, timeout, checkpoint_dir, checkpoint_every, resume)
     resume_version = None
