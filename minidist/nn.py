@@ -61,7 +61,8 @@ class Linear(Layer):
         params["W"][...] = rng.normal(0.0, np.sqrt(self.gain / self.d_in), (self.d_in, self.d_out))
         params["b"][...] = 0.0
 
-    def forward(self, X):
+    def forward(self, X, activation=None):
+        """Y = XW + b, or act(XW + b) in one fused pass with activation "relu" or "tanh"."""
         W = self.params["W"]
         is_array = isinstance(X, np.ndarray) or kernels.is_device_array(X)
         if not is_array or X.ndim != 2 or X.shape[1] != self.d_in:
@@ -76,7 +77,7 @@ class Linear(Layer):
         if kernels.is_device_array(W):
             X = K.to_device(X)  # the batch crosses to the GPU once, for forward and backward
         self.X = X
-        return K.add_bias(K.matmul(X, W), self.params["b"])
+        return K.add_bias(K.matmul(X, W), self.params["b"], activation)
 
     def backward(self, dY):
         self.param_grads(dY)
@@ -90,7 +91,9 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
-    """Y = max(X, 0).   ∂X = ∂Y · 1[X > 0]."""
+    """Y = max(X, 0).   ∂X = ∂Y · 1[X > 0]  (= 1[Y > 0], so the fused forward may keep Y)."""
+
+    name = "relu"
 
     def __repr__(self):
         return "ReLU()"
@@ -99,6 +102,11 @@ class ReLU(Layer):
         self.X = X
         return kernels.ops_for(X).relu(X)
 
+    def keep_fused_output(self, Y):
+        """After Linear fused this activation into its bias add: keep what backward needs."""
+        self.X = Y
+        return Y
+
     def backward(self, dY):
         return kernels.ops_for(dY, self.X).relu_backward(dY, self.X)
 
@@ -106,12 +114,19 @@ class ReLU(Layer):
 class Tanh(Layer):
     """Y = tanh(X).   ∂X = ∂Y · (1 − Y²)."""
 
+    name = "tanh"
+
     def __repr__(self):
         return "Tanh()"
 
     def forward(self, X):
         self.Y = kernels.ops_for(X).tanh(X)
         return self.Y
+
+    def keep_fused_output(self, Y):
+        """After Linear fused this activation into its bias add: keep what backward needs."""
+        self.Y = Y
+        return Y
 
     def backward(self, dY):
         return kernels.ops_for(dY, self.Y).tanh_backward(dY, self.Y)
@@ -252,9 +267,20 @@ class Sequential:
         return values
 
     def forward(self, X):
-        """The model's raw output (logits or predictions), shape (N, d_out)."""
-        for layer in self.layers:
-            X = layer.forward(X)
+        """The model's raw output (logits or predictions), shape (N, d_out).
+
+        A Linear followed by ReLU or Tanh runs as one op, act(XW + b): on a GPU the bias add and
+        the activation share one pass over memory (numpy computes the same numbers either way).
+        """
+        i, layers = 0, self.layers
+        while i < len(layers):
+            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if type(layer) is Linear and type(after) in (ReLU, Tanh):
+                X = after.keep_fused_output(layer.forward(X, activation=after.name))
+                i += 2
+            else:
+                X = layer.forward(X)
+                i += 1
         return X
 
     def loss(self, X, y):

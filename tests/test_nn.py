@@ -163,3 +163,20 @@ def test_sequential_backward_returns_the_input_gradient_only_when_asked():
     dX = model.backward(input_grad=True)
     np.testing.assert_array_equal(model.grads, grads)
     assert relative_error(dX, numerical_gradient(lambda _: model.loss(X, y), X)) < 1e-6
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_fused_linear_activation_is_bitwise_the_layer_by_layer_model(activation):
+    """Sequential fuses Linear + activation into one op; numpy must give the same bits."""
+    rng = np.random.default_rng(0)
+    model = nn.mlp([5, 7, 6, 3], activation=activation, seed=1)
+    X, y = rng.normal(size=(9, 5)), rng.integers(0, 3, size=9)
+    out = X
+    for layer in model.layers:  # one layer at a time, nothing fused
+        out = layer.forward(out)
+    np.testing.assert_array_equal(model.forward(X), out)
+    model.criterion.forward(out, y)
+    model.backward()
+    layer_by_layer = model.grads.copy()
+    model.loss_and_grad(X, y)
+    np.testing.assert_array_equal(model.grads, layer_by_layer)
