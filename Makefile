@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: lab demo test lint docs chromium lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels clean
+.PHONY: lab demo test lint docs chromium lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels bench-model-parallel clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
@@ -53,7 +53,10 @@ bench-kernels: $(VENV)/.bench  ## CUDA kernels vs cuBLAS, PyTorch and a device c
 bench-ps: $(VENV)/.bench  ## parameter server vs a Queue server and torch RPC; BSP/ASP/SSP straggler
 	$(BIN)/python benchmarks/parameter_server.py
 
-bench: bench-allreduce bench-data-parallel bench-kernels bench-ps  ## every benchmark; results in benchmarks/results/
+bench-model-parallel: $(VENV)/.bench  ## tensor/pipeline/hybrid step time, bytes and measured bubble
+	$(BIN)/python benchmarks/model_parallel.py
+
+bench: bench-allreduce bench-data-parallel bench-kernels bench-ps bench-model-parallel  ## every benchmark; results in benchmarks/results/
 
 lessons: $(STAMP)  ## re-execute every lesson in place (commit them executed)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace lessons/*.ipynb
