@@ -388,3 +388,22 @@ def test_killing_the_caller_leaves_no_segment_behind(tmp_path):
                 open(f"/proc/{pid}/stat") as f:
             if f.read().split()[2] != "Z":
                 os.kill(pid, signal.SIGKILL)
+
+
+def _asp_steps(client, steps):
+    while client.clock < steps:
+        client.pull()
+        client.push(np.ones(client.n))
+    return client.clock
+
+
+def test_an_asynchronous_run_resumes_on_sharded_servers(tmp_path):
+    folder = str(tmp_path)
+    first = ps.run(_asp_steps, 3, np.zeros(6), lr=1.0, consistency="asp", num_servers=2,
+                   checkpoint_dir=folder, checkpoint_every=4, args=(10,))
+    assert first.params.tolist() == [-30.0] * 6
+    resumed = ps.run(_asp_steps, 3, np.zeros(6), lr=1.0, consistency="asp", num_servers=2,
+                     checkpoint_dir=folder, resume=True, args=(15,))
+    assert resumed.start_clock == 28 and resumed.results == [15, 15, 15]
+    # every shard restarts from its 28 updates; each worker re-pushes from its smallest clock
+    assert all(p <= -45.0 for p in resumed.params)

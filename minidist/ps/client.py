@@ -46,6 +46,9 @@ class PSClient:
             conn.send(("hello",))
         hellos = [self._answer(j, "hello") for j in range(len(conns))]
         self.clock = min(h[1] for h in hellos)  # > 0 when the run resumes from a checkpoint
+        if any(h[1] != self.clock for h in hellos):  # shards saved at different clocks (async)
+            for conn in conns:
+                conn.send(("clock", self.clock))
         self.server_pids = [h[3] for h in hellos]
 
     def pull(self, out=None):

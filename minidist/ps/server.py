@@ -6,6 +6,7 @@ shard's shared-memory slots (minidist.ps.shards), never through the pipe.
     worker -> server   ("hello",)           reply ("hello", clock_w, version, server pid)
                        ("pull", c)          reply ("params", version, c_min) once allowed
                        ("push", c, weight)  reply ("ack", version) once the gradient is used
+                       ("clock", c)         resume: restart my clock at c (min over shards)
                        ("done",)            finished: nobody waits for this worker any more
     caller -> server   ("dead", w)          worker w died (elastic run): stop waiting for it
                        ("stop",)            reply ("final", θ_shard, records) and exit
@@ -67,6 +68,8 @@ class ShardServer:
             self.waiting[w] = message[1]
         elif kind == "push":
             self._push(w, message[1], message[2])
+        elif kind == "clock":  # a resumed async run restarts w here, on every shard
+            self.clocks[w] = message[1]
         elif kind == "done":
             self.finished.add(w)
         else:
