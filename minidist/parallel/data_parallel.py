@@ -4,14 +4,17 @@ Each step: rank 0's parameters were broadcast at the start, so all replicas agre
 computes the gradient of its shard of the global batch (over `accumulate` micro-batches),
 weights it by |B_k|/|B| while copying it into a buffer the backend can share, all-reduces that
 buffer bucket by bucket (`bucket_bytes`: a large model does not wait for one huge message),
-and every replica takes the same optimizer step.
+and every replica takes the same optimizer step. To send less (top-k with error feedback,
+QSGD, local SGD: the `compression`, `compress_ratio`, `qsgd_levels`, `error_feedback` and
+`local_steps` options), see minidist.parallel.compression.
 """
 
 
 from minidist.data import shard_bounds
+from minidist.parallel import compression
 from minidist.parallel.job import Clock, report
 
-OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto"}
+OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto", **compression.OPTIONS}
 
 
 def check_options(options):
@@ -25,6 +28,7 @@ def check_options(options):
     if options.get("algorithm", "auto") not in ALGORITHMS:
         raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
                          f"allowed: {', '.join(ALGORITHMS)}")
+    compression.check_options(options)
 
 
 def buckets(n_params, itemsize, bucket_bytes):
@@ -41,6 +45,7 @@ def worker(comm, job):
     optimizer = job.make_optimizer(model.params)
     synced = comm.alloc(model.grads.shape, model.grads.dtype)  # shared: no copy-in to reduce
     slices = buckets(model.num_params, model.grads.itemsize, options["bucket_bytes"])
+    compressed = compression.make_all_reduce(options, model.num_params, comm.rank, job.seed)
     clock, weighted_losses = Clock(job.steps), []
     for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
         clock.begin(t)
@@ -54,9 +59,19 @@ def worker(comm, job):
                 loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
                 clock.timed("compute", _add_scaled, synced, model.grads, share, event="backward")
         weighted_losses.append(loss)
-        for bucket in slices:
-            clock.timed("comm", comm.all_reduce, synced[bucket], "sum", options["algorithm"])
-        clock.timed("compute", optimizer.step, synced)
+        if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
+            clock.timed("compute", optimizer.step, synced / weight)
+            if (t + 1) % options["local_steps"] == 0 or t + 1 == job.steps:
+                clock.timed("comm", compression.average_parameters, comm, model.params, weight,
+                            event="all_reduce")
+        else:
+            if compressed is not None:
+                compressed(comm, synced, clock)
+            else:
+                for bucket in slices:
+                    clock.timed("comm", comm.all_reduce, synced[bucket], "sum",
+                                options["algorithm"])
+            clock.timed("compute", optimizer.step, synced)
         clock.end()
     return report(comm, model.params, weighted_losses, clock)
 
