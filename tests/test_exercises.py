@@ -306,3 +306,57 @@ def test_matmul_traffic_checker():
     for hint, fn in cases.items():
         result = exercises.check_matmul_traffic(fn)
         assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_topk_error_feedback_checker():
+    def right(grad, residual, k):
+        corrected = grad + residual
+        sent = np.zeros_like(corrected)
+        top = np.argsort(-np.abs(corrected))[:k]
+        sent[top] = corrected[top]
+        return sent, corrected - sent
+
+    def top_of(values, k, key=np.abs):
+        sent = np.zeros_like(values)
+        top = np.argsort(-key(values))[:k]
+        sent[top] = values[top]
+        return sent
+
+    assert exercises.check_topk_error_feedback(right)
+    cases = {
+        "add the residual first": lambda g, r, k: (top_of(g, k), g - top_of(g, k)),
+        "largest magnitudes": lambda g, r, k: (top_of(g + r, k, key=lambda v: v),
+                                               g + r - top_of(g + r, k, key=lambda v: v)),
+        "old residual that was not sent": lambda g, r, k: (top_of(g + r, k), g - top_of(g + r, k)),
+        "the residual must change": lambda g, r, k: (top_of(g + r, k), r),
+        "send exactly k": lambda g, r, k: (top_of(g + r, k + 1), g + r - top_of(g + r, k + 1)),
+        "return two vectors": lambda g, r, k: (g[:k], r),
+        "raised ValueError": lambda g, r, k: top_of(g + r, k),
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_topk_error_feedback(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_qsgd_codes_checker():
+    def right(v, s, u):
+        norm = np.linalg.norm(v)
+        if norm == 0:
+            return np.zeros_like(v)
+        return np.sign(v) * np.floor(s * np.abs(v) / norm + u)
+
+    assert exercises.check_qsgd_codes(right)
+    scaled = lambda v, s: s * np.abs(v) / np.linalg.norm(v)  # noqa: E731
+    cases = {
+        "rounded to the nearest level": lambda v, s, u: np.sign(v) * np.round(scaled(v, s)),
+        "add the uniform draw": lambda v, s, u: np.sign(v) * np.floor(scaled(v, s)),
+        "lost their sign": lambda v, s, u: np.floor(scaled(v, s) + u),
+        "not by the largest entry": lambda v, s, u: np.sign(v) * np.floor(
+            s * np.abs(v) / np.abs(v).max() + u),
+        "zero vector has no direction": lambda v, s, u: np.sign(v) * np.floor(scaled(v, s) + u),
+        "one code per entry": lambda v, s, u: right(v, s, u)[:-1],
+        "raised ZeroDivisionError": lambda v, s, u: 1 / 0,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_qsgd_codes(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
