@@ -17,6 +17,7 @@ Whatever happens, every process is stopped and reaped and every segment is unlin
 are no sockets: servers and workers talk over pipes the caller created (no listening port).
 """
 
+import contextlib
 import glob
 import multiprocessing as mp
 import os
@@ -85,44 +86,51 @@ def run(worker_fn, workers, params, optimizer="sgd", lr=0.1, optimizer_options=N
     ctx = mp.get_context(start_method)
     prefix = f"md{os.getpid()}_{uuid.uuid4().hex[:8]}"
     limits = shards.bounds(len(params), num_servers)
-    memory = [shards.ShardMemory(prefix, j, hi - lo, workers, params.dtype, create=True)
-              for j, (lo, hi) in enumerate(limits)]
-    control = shards.Control(prefix, workers, create=True)
-    links = [[ctx.Pipe() for _ in range(workers)] for _ in range(num_servers)]  # [shard][w]
-    orders = [ctx.Pipe() for _ in range(num_servers)]
-    results = [ctx.Pipe(duplex=False) for _ in range(workers)]
-    payload = cloudpickle.dumps((worker_fn, tuple(args)))
-    servers = [ctx.Process(target=serve, name=f"minidist-ps-server-{j}", daemon=True,
-                           args=(j, lo, hi, params[lo:hi].copy(), workers, config, prefix,
-                                 [links[j][w][0] for w in range(workers)], orders[j][1],
-                                 threads))
-               for j, (lo, hi) in enumerate(limits)]
-    start = time.monotonic()
-    procs = [ctx.Process(target=_worker_main, name=f"minidist-ps-worker-{w}", daemon=True,
-                         args=(w, workers, prefix, limits, params.dtype,
-                               [links[j][w][1] for j in range(num_servers)], timeout,
-                               slow.get(w, 1.0), start, payload, threads, results[w][1]))
-             for w in range(workers)]
+    segments, children, pipes = [], [], []  # all closed, stopped, unlinked in the end
     try:
-        for proc in servers + procs:
+        segments += [shards.ShardMemory(prefix, j, hi - lo, workers, params.dtype, create=True)
+                     for j, (lo, hi) in enumerate(limits)]
+        control = shards.Control(prefix, workers, create=True)
+        segments.append(control)
+        links = [[ctx.Pipe() for _ in range(workers)] for _ in range(num_servers)]  # [j][w]
+        orders = [ctx.Pipe() for _ in range(num_servers)]
+        results = [ctx.Pipe(duplex=False) for _ in range(workers)]
+        pipes += [c for pair in [*orders, *results, *(p for row in links for p in row)]
+                  for c in pair]
+        payload = cloudpickle.dumps((worker_fn, tuple(args)))
+        children += [ctx.Process(target=serve, name=f"minidist-ps-server-{j}", daemon=True,
+                                 args=(j, lo, hi, params[lo:hi].copy(), workers, config,
+                                       prefix, [links[j][w][0] for w in range(workers)],
+                                       orders[j][1], threads))
+                     for j, (lo, hi) in enumerate(limits)]
+        start = time.monotonic()
+        children += [ctx.Process(target=_worker_main, name=f"minidist-ps-worker-{w}",
+                                 daemon=True,
+                                 args=(w, workers, prefix, limits, params.dtype,
+                                       [links[j][w][1] for j in range(num_servers)], timeout,
+                                       slow.get(w, 1.0), start, payload, threads,
+                                       results[w][1]))
+                     for w in range(workers)]
+        for proc in children:
             proc.start()
-        for conn in [c for shard in links for pair in shard for c in pair] + \
+        for conn in [c for row in links for pair in row for c in pair] + \
                 [o[1] for o in orders] + [r[1] for r in results]:
             conn.close()  # the children hold their own ends now
-        supervisor = _Supervisor(servers, procs, [o[0] for o in orders],
-                                 [r[0] for r in results], control, timeout, elastic)
+        supervisor = _Supervisor(children[:num_servers], children[num_servers:],
+                                 [o[0] for o in orders], [r[0] for r in results], control,
+                                 timeout, elastic)
         result = supervisor.finish(supervisor.watch(), len(params), params.dtype)
         result.start_clock = resume_version or 0
         return result
     finally:
-        _stop(procs + servers)
-        for conn in [o[0] for o in orders] + [r[0] for r in results]:
+        _stop(children)
+        for conn in pipes:
             conn.close()
-        for segment in memory:
+        for segment in segments:
             segment.close()
-        control.close()
         for path in glob.glob(f"/dev/shm/{prefix}_*"):
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def _worker_main(rank, workers, prefix, limits, dtype, conns, timeout, slow_factor, start,
