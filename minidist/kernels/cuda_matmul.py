@@ -59,31 +59,32 @@ def matmul_kernel(dtype, trans_a, trans_b, tiling):
         acc = cuda.local.array((TM, TN), nb_dtype)
         a_reg = cuda.local.array(TM, nb_dtype)
         b_reg = cuda.local.array(TN, nb_dtype)
+        zero = nb_dtype(0)  # typed, so float32 loads stay float32
         tid = cuda.threadIdx.x
         trow, tcol = tid // COL_THREADS, tid % COL_THREADS
         row0, col0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
         for i in range(TM):
             for j in range(TN):
-                acc[i, j] = 0
+                acc[i, j] = zero
         for k0 in range(0, K, BK):
             for idx in range(tid, BM * BK, THREADS):  # the A tile; consecutive threads read
                 if trans_a:                            # consecutive addresses of A
                     k, i = idx // BM, idx % BM
                     inside = row0 + i < M and k0 + k < K
-                    As[k, i] = A[k0 + k, row0 + i] if inside else 0
+                    As[k, i] = A[k0 + k, row0 + i] if inside else zero
                 else:
                     i, k = idx // BK, idx % BK
                     inside = row0 + i < M and k0 + k < K
-                    As[k, i] = A[row0 + i, k0 + k] if inside else 0
+                    As[k, i] = A[row0 + i, k0 + k] if inside else zero
             for idx in range(tid, BK * BN, THREADS):  # the B tile
                 if trans_b:
                     j, k = idx // BK, idx % BK
                     inside = col0 + j < N and k0 + k < K
-                    Bs[k, j] = B[col0 + j, k0 + k] if inside else 0
+                    Bs[k, j] = B[col0 + j, k0 + k] if inside else zero
                 else:
                     k, j = idx // BN, idx % BN
                     inside = col0 + j < N and k0 + k < K
-                    Bs[k, j] = B[k0 + k, col0 + j] if inside else 0
+                    Bs[k, j] = B[k0 + k, col0 + j] if inside else zero
             cuda.syncthreads()
             for k in range(BK):  # TM + TN shared loads feed TM·TN multiply-adds
                 for i in range(TM):
