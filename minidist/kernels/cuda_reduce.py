@@ -113,7 +113,7 @@ def softmax_cross_entropy_kernel(dtype, threads):
         buf = cuda.shared.array(threads, nb_dtype)
         n, tid = cuda.blockIdx.x, cuda.threadIdx.x
         k = z.shape[1]
-        m = -math.inf
+        m = nb_dtype(-math.inf)  # typed: float32 logits keep float32 exp and log
         for j in range(tid, k, threads):
             m = max(m, z[n, j])
         buf[tid] = m

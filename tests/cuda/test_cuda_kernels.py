@@ -110,6 +110,20 @@ def test_softmax_cross_entropy(n, k, scale):
                                R.softmax_cross_entropy_backward(ref_probs, y), atol=1e-16)
 
 
+def test_float32_kernels():
+    """float32 stays float32 (the typed constants), and agrees with numpy in float64."""
+    z, y = (5 * rng.normal(size=(6, 37))).astype(np.float32), rng.integers(0, 37, size=6)
+    loss, probs = C.softmax_cross_entropy(z, y)
+    ref_loss, ref_probs = R.softmax_cross_entropy(z.astype(np.float64), y)
+    assert probs.dtype == np.float32 and loss == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(C.sum_rows(z), z.astype(np.float64).sum(axis=0), rtol=1e-5,
+                               atol=1e-5)
+    assert C.total(z) == pytest.approx(z.astype(np.float64).sum(), rel=1e-5, abs=1e-4)
+    b = rng.normal(size=37).astype(np.float32)
+    np.testing.assert_array_equal(C.add_bias(z, b, "relu"), np.maximum(z + b, 0))
+
+
 def test_mse_and_its_backward():
     pred, target = rng.normal(size=(13, 2)), rng.normal(size=(13, 2))
     loss, residual = C.mse(pred, target)
