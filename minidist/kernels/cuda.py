@@ -76,6 +76,7 @@ def zeros(shape, dtype):
 
 
 def reset_transfers():
+    """Zero the copy counters (before the step you want to count)."""
     transfers.update(to_device=0, to_host=0, bytes=0)
 
 
