@@ -275,3 +275,7 @@ def measure_collective(collective, algorithm, nbytes, world_size, backend="proce
     per_rank = run(_time_collective, world_size, backend=backend, timeout=timeout,
                    args=(collective, algorithm, count, dtype, int(repeats)))
     return statistics.median(np.max(per_rank, axis=0))
+
+
+# The planner (memory and step time of every dp × tp × pp layout) lives in its own module.
+from minidist.planner import Layout, Plan, estimate, plan  # noqa: E402, F401
