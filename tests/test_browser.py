@@ -96,7 +96,8 @@ def jupyterlab(tmp_path):
     port, token = _free_port(), secrets.token_hex(16)
     log = tmp_path / "jupyterlab.log"
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),  # the kernel is this Python:
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
                f"--port={port}", "--port-retries=0", f"--IdentityProvider.token={token}",
                f"--ServerApp.root_dir={notebooks}", "--allow-root",
@@ -223,7 +224,7 @@ def _run_lesson_and_move_slider(page, url):
     explorer.screenshot(path=ARTIFACTS / "lesson05_explorer.png", timeout=UI_S * 1000)
 
 
-def test_lesson_05_runs_in_jupyterlab_and_the_explorer_redraws(jupyterlab, page):
+def test_lesson_05_runs_in_jupyterlab_and_the_explorer_redraws(page, jupyterlab):
     url, log = jupyterlab
     ARTIFACTS.mkdir(exist_ok=True)
     try:
