@@ -138,3 +138,13 @@ def test_local_sgd_matches_a_hand_written_reference(local_steps):
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         _train(steps=1, **options)
+
+
+@pytest.mark.parametrize("options", [{"compression": "topk"}, {"compression": "qsgd"},
+                                     {"local_steps": 3}])
+def test_processes_send_and_compute_what_threads_do(options):
+    runs = [minidist.train(DIGITS_MLP, X_TRAIN, Y_TRAIN, strategy="data_parallel", workers=3,
+                           backend=backend, steps=7, batch_size=30, **options)
+            for backend in ("thread", "process")]
+    np.testing.assert_array_equal(runs[0].params, runs[1].params)
+    assert runs[0].bytes_sent == runs[1].bytes_sent
