@@ -47,6 +47,11 @@ def test_bsp_reproduces_single(digits_reference, workers, num_servers):
     assert hist.ps["updates"] == [50] * num_servers
     assert hist.ps["applied"] == [50 * workers] * num_servers
     assert len(hist.ps["wait_time"]) == workers and min(hist.ps["wait_time"]) > 0
+    for events in hist.events:  # each worker's timeline: pull, forward, backward, push
+        busy = [e for e in events if e[0] != "idle"]
+        assert [e[0] for e in busy] == ["recv", "forward", "backward", "send"] * 50
+        assert [e[3] for e in busy[::4]] == list(range(50))
+        assert all(start <= end for _, start, end, _, _ in events)
 
 
 def integer_pushes(client, pushes, slow_rank=None, pause=0.0):
@@ -187,18 +192,18 @@ def test_a_failing_server_sends_its_traceback():
 
 
 def _crashing_model(model_fn, crash_after):
-    """model_fn whose model raises on its `crash_after`-th gradient (None: never)."""
+    """model_fn whose model raises on its `crash_after`-th loss (None: never)."""
     def make():
         model = model_fn()
-        calls, inner = [0], model.loss_and_grad
+        calls, inner = [0], model.loss
 
-        def loss_and_grad(X, y):
+        def loss(X, y):
             calls[0] += 1
             if calls[0] == crash_after:
                 raise RuntimeError("simulated crash")
             return inner(X, y)
 
-        model.loss_and_grad = loss_and_grad
+        model.loss = loss
         return model
     return make
 

@@ -6,10 +6,13 @@ BSP applies their sum once (the same SGD as strategy="single"), ASP and SSP appl
 as it arrives, on parameters that may be a few updates old.
 """
 
+import functools
+
 import numpy as np
 
 from minidist import ps
 from minidist.ps import consistency as rules
+from minidist.trace import Trace
 
 OPTIONS = {"consistency": "bsp", "staleness": None, "num_servers": 1, "slow_workers": None,
            "elastic": False, "checkpoint_dir": None, "checkpoint_every": 0, "resume": False}
@@ -21,17 +24,20 @@ def check_options(options):
 
 
 def worker(client, job):
-    """One worker's training loop; returns (step, |B_k|/|B|·L_k, |B_k|/|B|) per step it ran."""
+    """One worker's training loop; returns ((step, |B_k|/|B|·L_k, |B_k|/|B|) per step it ran,
+    its timeline: pull as recv, forward, backward, push as send, and the idle gaps)."""
     model = job.model_fn()
-    rows_done = []
+    rows_done, trace = [], Trace()
     for t, (rows, weight) in enumerate(job.my_batches(client.rank, client.world_size)):
         if t < client.clock:  # a resumed run: these steps are in the checkpoint
             continue
-        client.pull(out=model.params)
-        loss = model.loss_and_grad(job.X[rows], job.y[rows])
-        client.push(model.grads * weight, weight)
+        trace.step = t
+        trace.timed("recv", functools.partial(client.pull, out=model.params))
+        loss = trace.timed("forward", model.loss, job.X[rows], job.y[rows])
+        trace.timed("backward", model.backward)
+        trace.timed("send", client.push, model.grads * weight, weight)
         rows_done.append((t, loss * weight, weight))
-    return np.array(rows_done, dtype=np.float64).reshape(-1, 3)
+    return np.array(rows_done, dtype=np.float64).reshape(-1, 3), trace.with_idle()
 
 
 def train_parameter_server(job, workers, backend, timeout):
@@ -46,8 +52,9 @@ def train_parameter_server(job, workers, backend, timeout):
     result = ps.run(worker, workers, params, optimizer=job.optimizer, lr=job.lr,
                     optimizer_options=job.optimizer_options, timeout=timeout, args=(job,),
                     **options)
+    worker_loss = [r and r[0] for r in result.results]  # None for a worker that died
     loss, weight = np.zeros(job.steps), np.zeros(job.steps)
-    for rows in result.results:
+    for rows in worker_loss:
         if rows is not None:
             steps = rows[:, 0].astype(int)
             np.add.at(loss, steps, rows[:, 1])
@@ -71,12 +78,13 @@ def train_parameter_server(job, workers, backend, timeout):
         "bytes_pushed": [s and s["push"]["bytes_sent"] for s in stats],
         "bytes_pulled": [s and s["pull"]["bytes_received"] for s in stats],
         "applied": result.applied, "updates": result.updates, "pulls": result.pulls,
-        "log": result.log, "worker_loss": result.results, "start_step": result.start_clock}
+        "log": result.log, "worker_loss": worker_loss, "start_step": result.start_clock}
     return History(strategy="parameter_server", workers=workers, model_fn=job.model_fn,
                    params=result.params, loss=loss, step_time=step_time,
                    compute_time=compute_time, comm_time=comm_time,
                    bytes_sent=summary["bytes_pushed"], backend="process", options=options,
-                   stats=stats, staleness=result.staleness, ps=summary)
+                   stats=stats, staleness=result.staleness, ps=summary,
+                   events=[r[1] if r else [] for r in result.results])
 
 
 def loss_over_time(history):
