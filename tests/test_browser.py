@@ -40,8 +40,9 @@ SERVER_START_S = 60     # JupyterLab answering /api/status
 RUN_ALL_S = 150         # every cell of lesson 5 executed
 REDRAW_S = 60           # the explorer's figure redrawn after the slider moved
 UI_S = 30               # any single click, load or render
+APT_UPDATE_S, APT_INSTALL_S = 120, 300  # only when chromium is missing (`make chromium` first)
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 
 def _ensure_chromium():
@@ -52,11 +53,10 @@ def _ensure_chromium():
         pytest.skip("no /usr/bin/chromium, and apt-get as root is not available to install it "
                     "(on Debian: `apt-get install -y chromium`)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True,
-                       timeout=300)
-        subprocess.run(install, env=env, capture_output=True, check=True, timeout=600)
+    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True,
+                   timeout=APT_UPDATE_S)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                   env=env, capture_output=True, check=True, timeout=APT_INSTALL_S)
     assert CHROMIUM.exists(), "apt-get installed chromium, but /usr/bin/chromium is missing"
     return CHROMIUM
 
