@@ -360,3 +360,41 @@ def test_qsgd_codes_checker():
     for hint, fn in cases.items():
         result = exercises.check_qsgd_codes(fn)
         assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_model_states_checker():
+    assert exercises.check_model_states(lambda psi, dp, tp, pp: 16 * psi / (tp * pp))
+    cases = {
+        "dp does not divide": lambda psi, dp, tp, pp: 16 * psi / (dp * tp * pp),
+        "divide by tp·pp": lambda psi, dp, tp, pp: 16 * psi,
+        "divide by pp too": lambda psi, dp, tp, pp: 16 * psi / tp,
+        "divide by tp too": lambda psi, dp, tp, pp: 16 * psi / pp,
+        "add the optimizer": lambda psi, dp, tp, pp: 4 * psi / (tp * pp),
+        "2 + 2 + 12 = 16": lambda psi, dp, tp, pp: 2 * psi / (tp * pp),
+        "add 2 bytes of fp16": lambda psi, dp, tp, pp: 12 * psi / (tp * pp),
+        "expected 1.6e+10 bytes": lambda psi, dp, tp, pp: 8 * psi,
+        "raised TypeError": lambda psi, dp, tp, pp: None + 1,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_model_states(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_pipeline_compute_checker():
+    def right(psi, tokens, devices, flops, pp, m):
+        return 6 * psi * tokens / (devices * flops) * (1 + (pp - 1) / m)
+
+    assert exercises.check_pipeline_compute(right)
+    ideal = lambda psi, t, n, f: 6 * psi * t / (n * f)  # noqa: E731
+    cases = {
+        "forward pass only": lambda psi, t, n, f, pp, m: right(psi, t, n, f, pp, m) / 3,
+        "add the bubble": lambda psi, t, n, f, pp, m: ideal(psi, t, n, f),
+        "share of the whole step": lambda psi, t, n, f, pp, m: ideal(psi, t, n, f) * (
+            1 + (pp - 1) / (m + pp - 1)),
+        "divide by devices": lambda psi, t, n, f, pp, m: right(psi, t, n, f, pp, m) * n,
+        "expected": lambda psi, t, n, f, pp, m: 1.0,
+        "raised ZeroDivisionError": lambda psi, t, n, f, pp, m: 1 / 0,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_pipeline_compute(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)
