@@ -209,3 +209,19 @@ def test_bad_inputs_are_named(change, message):
 def test_impossible_grids_are_named(devices, grid, options, message):
     with pytest.raises(ValueError, match=message):
         cost.estimate(1e6, 3, 6, 32, devices, 1e9, 1e9, 1e9, *grid, **options)
+
+
+def test_groups_inside_a_host_use_the_host_link():
+    """tp groups are consecutive ranks (Topology): inside a host of 8 they use its link, a tp
+    group of 16 crosses hosts; data-parallel groups span everything and use the network."""
+    base = dict(n_params=1e9, n_layers=8, hidden=1024, batch=16, devices=16,
+                device_memory=1e12, bandwidth=1e10, flops=1e14, latency=0.0,
+                devices_per_node=8, node_bandwidth=1e11)
+    inside = cost.estimate(**base, dp=2, tp=8)
+    per_layer = 4 * cost.time("all_reduce", "ring", 8 * 1024 * 2, 8, 0.0, 1 / 1e11)
+    assert inside.time["tensor"] == pytest.approx(8 * per_layer)  # 8 layers, 8 rows per replica
+    assert inside.time["data"] == pytest.approx(
+        cost.time("all_reduce", "ring", 2 * round(1e9 / 8), 2, 0.0, 1 / 1e10))
+    across = cost.estimate(**base, tp=16)
+    assert across.time["tensor"] == pytest.approx(
+        8 * 4 * cost.time("all_reduce", "ring", 16 * 1024 * 2, 16, 0.0, 1 / 1e10))
