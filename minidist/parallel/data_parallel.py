@@ -9,6 +9,7 @@ QSGD, local SGD: the `compression`, `compress_ratio`, `qsgd_levels`, `error_feed
 `local_steps` options), see minidist.parallel.compression.
 """
 
+import numpy as np
 
 from minidist.data import shard_bounds
 from minidist.parallel import compression
@@ -49,15 +50,18 @@ def worker(comm, job):
     clock, weighted_losses = Clock(job.steps), []
     for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
         clock.begin(t)
-        loss = 0.0
-        synced[...] = 0.0
+        loss, first = 0.0, True
         for part in range(options["accumulate"]):  # micro-batches, summed before one sync
             start, stop = shard_bounds(len(rows), part, options["accumulate"])
             if stop > start:
                 micro = rows[start:stop]
                 share = weight * len(micro) / len(rows)  # of the global batch
                 loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
-                clock.timed("compute", _add_scaled, synced, model.grads, share, event="backward")
+                clock.timed("compute", _accumulate, synced, model.grads, share, first,
+                            event="backward")
+                first = False
+        if first:  # an empty shard: this rank adds nothing
+            synced[...] = 0.0
         weighted_losses.append(loss)
         if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
             clock.timed("compute", optimizer.step, synced / weight)
@@ -76,6 +80,9 @@ def worker(comm, job):
     return report(comm, model.params, weighted_losses, clock)
 
 
-def _add_scaled(total, grads, share):
-    """total += share · grads."""
-    total += share * grads
+def _accumulate(total, grads, share, first):
+    """total = share · grads for the first micro-batch, then total += share · grads."""
+    if first:
+        np.multiply(grads, share, out=total)
+    else:
+        total += share * grads
