@@ -71,7 +71,7 @@ def train_one(strategy="data_parallel", workers=4, backend="process", steps=300,
     hist = train(_model_fn(seed), X_train, y_train, strategy=strategy, workers=workers,
                  backend=backend, steps=steps, seed=seed, progress=True, **SETTINGS,
                  **extra, **options)
-    return hist, {"strategy": label or strategy, "workers": hist.workers, "backend": backend,
+    return hist, {"strategy": label or strategy, "workers": hist.workers, "backend": hist.backend,
                   "final loss": float(hist.loss[-20:].mean()),
                   "test acc": hist.accuracy(X_test, y_test),
                   "seconds": time.perf_counter() - start,
@@ -81,18 +81,40 @@ def train_one(strategy="data_parallel", workers=4, backend="process", steps=300,
 
 
 def tour(workers=4, backend="process", steps=300, seed=0, outdir="minidist-tour"):
-    """Every strategy on the digits MLP: one table, and the figures saved as PNG."""
+    """Every strategy on the digits MLP: one table, and the figures saved as PNG.
+
+    Inside an mpiexec job (`mpiexec -n 4 python -m minidist tour --backend mpi`) every rank
+    runs the MPI strategies together; rank 0 alone runs "single" and the parameter server (OS
+    processes) while the others wait, and rank 0 prints the table. Returns the rows (None on
+    the other ranks of an MPI job).
+    """
     import tqdm.auto  # noqa: F401 - imported before the clocks start (it is slow to import)
 
-    print(f"the tour: the digits MLP {MODEL}, {steps} steps of {SETTINGS['batch_size']} "
-          f"samples, SGD with momentum; {workers} workers on the {backend} backend\n")
-    histories, rows = {}, []
+    job = _mpi_job() if backend == "mpi" else None
+    if job and job[1] != workers:
+        raise ValueError(f"--workers {workers} inside an mpiexec job of {job[1]} ranks: "
+                         f"pass --workers {job[1]}")
+    root = job is None or job[0] == 0
+    say = print if root else (lambda *args: None)
+    say(f"the tour: the digits MLP {MODEL}, {steps} steps of {SETTINGS['batch_size']} "
+        f"samples, SGD with momentum; {workers} workers on the {backend} backend\n")
+    histories, rows, kept = {}, [], []
     for label, strategy, options in TOUR:
-        hist, row = train_one(strategy, workers, backend, steps, seed, label, **options)
-        histories[label], rows = hist, rows + [row]
+        every_rank = job is not None and strategy not in PROCESS_ONLY and strategy != "single"
+        if every_rank and layout(strategy, workers)[0] != workers:
+            say(f"skipped {label}: this model splits over {layout(strategy, workers)[0]} "
+                f"ranks, the MPI job has {workers}")
+            continue
+        if root or every_rank:
+            hist, row = train_one(strategy, workers, backend, steps, seed, label, **options)
+            histories[label], rows, kept = hist, rows + [row], kept + [(label, strategy, options)]
+        if job and not every_rank:
+            _wait_for_rank_0(label)
+    if not root:
+        return None
     reference = histories["single"].params
     scale = np.max(np.abs(reference))
-    for (label, strategy, options), row in zip(TOUR, rows, strict=True):
+    for (label, strategy, options), row in zip(kept, rows, strict=True):
         gap = np.max(np.abs(histories[label].params - reference)) / scale
         if strategy in SYNCHRONOUS or options.get("consistency") == "bsp":
             row["same as single"] = f"yes ({gap:.0e})" if gap <= TOLERANCE else f"NO ({gap:.0e})"
@@ -102,6 +124,29 @@ def tour(workers=4, backend="process", steps=300, seed=0, outdir="minidist-tour"
     saved = save_figures(histories, rows, Path(outdir))
     print(f"\nfigures saved in {Path(outdir).resolve()}/: {', '.join(p.name for p in saved)}")
     return rows
+
+
+def _mpi_job():
+    """(rank, size) of this process when mpiexec started it, else None."""
+    from minidist.comm.mpi import MPIEXEC_ENV
+
+    if not any(name in os.environ for name in MPIEXEC_ENV):
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+
+
+def _wait_for_rank_0(label, timeout=600.0):
+    """Every rank of the MPI job waits here (napping, not spinning) until rank 0 is done."""
+    from mpi4py import MPI
+
+    request, deadline = MPI.COMM_WORLD.Ibarrier(), time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {MPI.COMM_WORLD.rank} waited {timeout} s for rank 0 "
+                               f"to finish {label!r}")
+        time.sleep(1e-3)
 
 
 def print_table(rows):

@@ -13,7 +13,7 @@ def test_tour_prints_one_table_and_saves_figures(tmp_path, capsys):
     for (_, strategy, options), row in zip(cli.TOUR, rows, strict=True):
         asynchronous = options.get("consistency") in ("asp", "ssp")
         assert row["same as single"].startswith("differs" if asynchronous else "yes"), row
-        assert 0.8 < row["test acc"] <= 1.0, row
+        assert (0.5 if asynchronous else 0.8) < row["test acc"] <= 1.0, row  # chance: 0.1
         assert row["MB sent/worker"] > 0 or strategy == "single"
     assert "same as single" in out and "MB sent/worker" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bytes_per_strategy.png",

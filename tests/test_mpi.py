@@ -301,3 +301,25 @@ def test_without_mpiexec_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(mpi_launcher.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install 'minidist\[mpi\]'"):
         run(lambda comm: None, 2, backend="mpi")
+
+
+# ---- the tour under `mpiexec -n 2` ---------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_the_tour_under_mpiexec_prints_one_table(tmp_path):
+    from minidist import cli
+
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "minidist", "tour",
+                           "--backend", "mpi", "--workers", "2", "--steps", "20", "--outdir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=230)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.count("the tour:") == 1 and out.count("same as single") == 1  # rank 0 only
+    table = out[out.index("same as single"):out.index("figures saved")]
+    for label, _, options in cli.TOUR:
+        line = next(row for row in table.splitlines() if row.strip().startswith(label))
+        backend = {"ps": "process", "single": "none"}.get(label.split()[0], "mpi")
+        assert f" {backend} " in line, line
+        asynchronous = options.get("consistency") in ("asp", "ssp")
+        assert ("differs" if asynchronous else "yes (") in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bytes_per_strategy.png",
+                                                          "loss_curves.png", "timelines.png"]
