@@ -192,3 +192,33 @@ def test_bad_arguments_are_named(backend):
         run(misuse, 0, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         run(misuse, 2, backend="carrier-pigeon")
+
+
+def _barrier_rounds(comm, folder, algorithm, rounds):
+    """Each round, every rank leaves a file, passes the barrier, and must then see every
+    rank's file of that round: a barrier that let anyone through early would show up here."""
+    import os
+
+    missing = []
+    for t in range(rounds):
+        open(os.path.join(folder, f"{t}-{comm.rank}"), "w").close()
+        comm.barrier(algorithm=algorithm)
+        seen = {name for name in os.listdir(folder) if name.startswith(f"{t}-")}
+        missing += [f"round {t}: rank {comm.rank} passed before rank {s} arrived"
+                    for s in range(comm.world_size) if f"{t}-{s}" not in seen]
+    return missing
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algorithm", ["dissemination", "native", "auto"])
+def test_barrier_lets_nobody_through_early(backend, algorithm, tmp_path):
+    for p in (1, 3, 4):
+        folder = tmp_path / f"{p}"
+        folder.mkdir()
+        assert sum(run(_barrier_rounds, p, args=(str(folder), algorithm, 20),
+                       backend=backend), []) == []
+
+
+def test_barrier_names_an_unknown_algorithm():
+    with pytest.raises(WorkerError, match="unknown algorithm 'tree' for barrier"):
+        run(lambda comm: comm.barrier(algorithm="tree"), 2, backend="thread")

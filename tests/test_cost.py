@@ -53,7 +53,7 @@ def call(comm, collective, algorithm, shape, dtype, root):
         comm.scatter(np.ones((comm.world_size, *shape), dtype) if comm.rank == root else None,
                      src=root)
     else:
-        comm.barrier()
+        comm.barrier(algorithm="dissemination")
 
 
 def record(comm, todo):

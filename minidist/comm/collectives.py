@@ -202,7 +202,7 @@ def scatter(comm, array, src):
     return array[src].copy()
 
 
-def barrier(comm):
+def barrier_dissemination(comm):
     """Dissemination barrier: in round k, tell rank r + 2^k and hear from rank r − 2^k.
     After ⌈lg p⌉ rounds every rank has heard, indirectly, from every other."""
     p, r, token = comm.world_size, comm.rank, np.zeros(0, dtype=np.uint8)

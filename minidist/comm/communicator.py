@@ -220,10 +220,13 @@ class Communicator:
         with self._collective("scatter", None, src=src):
             return collectives.scatter(self, array, src)
 
-    def barrier(self):
-        """Return only when every rank has called barrier."""
+    def barrier(self, algorithm="auto"):
+        """Return only when every rank has called barrier ("dissemination": ⌈lg p⌉ rounds of
+        empty messages; "native": the backend's own, e.g. counters in shared memory)."""
+        run = self._algorithm("barrier", algorithm, ("dissemination", "native", "auto"),
+                              "dissemination")
         with self._collective("barrier"):
-            collectives.barrier(self)
+            run()
 
     def split(self, color, key=None):
         """Ranks that pass the same color form a new communicator, ordered by (key, rank)."""

@@ -250,6 +250,9 @@ class ProcessCommunicator(Communicator):
                                          self.timeout)
                 os.sched_yield() if spins < 10_000 else time.sleep(50e-6)
 
+    def _native_barrier(self):
+        self._wait_all()
+
     def _native_all_reduce(self, array, op):
         if array.nbytes <= shm.SMALL:
             self._small_all_reduce(array, UFUNCS[op])

@@ -79,6 +79,9 @@ class ThreadCommunicator(Communicator):
             raise deadline_error(f"rank {self.rank}: {self._op} waiting for all ranks",
                                  self.timeout) from None
 
+    def _native_barrier(self):
+        self._wait_all()
+
     def _native_all_reduce(self, array, op):
         """Every rank reduces its own chunk straight out of all ranks' arrays (no messages), then
         copies the other chunks from their owners. Three barriers keep the phases apart."""
