@@ -211,10 +211,23 @@ def fit_alpha_beta(nbytes, seconds, relative=True):
 
 
 PING_PONG_SIZES = tuple(4**k for k in range(12))  # 1 B … 4 MiB
+SETTLE_S = 0.3  # seconds of untimed calls before a measurement (see _settle)
+
+
+def _settle(comm, call, seconds=SETTLE_S):
+    """Repeat call() until rank 0 has spent `seconds` (it tells the others when to stop): for
+    a moment after the ranks start, the machine is still busy starting them, and the first
+    calls can wait a whole scheduler time slice (~8 ms here) for a core."""
+    start, more = perf_counter(), np.ones(1)
+    while more[0]:
+        call()
+        more[0] = perf_counter() - start < seconds
+        comm.broadcast(more, src=0)
 
 
 def _ping_pong(comm, sizes, repeats, warmup):
     """Rank 0 sends n bytes to rank 1, which sends them back; half the round trip, median."""
+    _settle(comm, comm.barrier)
     medians = []
     for nbytes in sizes:
         buf, times = np.zeros(nbytes, dtype=np.uint8), []
@@ -255,7 +268,8 @@ def measure_gamma(nbytes=2**22, dtype=np.float64, repeats=5):
 
 
 def _time_collective(comm, collective, algorithm, count, dtype, repeats):
-    x = np.ones(count, dtype=dtype)
+    x = np.zeros(count, dtype=dtype)  # sums of zeros stay finite however many calls there are
+    _settle(comm, lambda: getattr(comm, collective)(x, algorithm=algorithm))
     seconds = []
     for _ in range(repeats + 1):  # the first call warms up
         comm.barrier()
