@@ -1,6 +1,8 @@
+import functools
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Few examples, no deadline: the machines are 2 shared cores.
@@ -17,3 +19,21 @@ def pytest_ignore_collect(collection_path, config):
         return None
     asked = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
     return not any(path == cuda_dir or cuda_dir in path.parents for path in asked)
+
+
+@functools.cache
+def _small_mlp_problem(batch_size, steps):
+    from minidist import data, nn, train
+
+    X, y = data.make_classification(200, 8, 4, seed=0)
+    model_fn = functools.partial(nn.mlp, [8, 16, 12, 16, 4], seed=1)
+    kwargs = {"steps": steps, "batch_size": batch_size, "lr": 0.2,
+              "optimizer_options": {"momentum": 0.5}}
+    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def small_mlp_problem():
+    """small_mlp_problem(batch_size, steps) -> (model_fn, X, y, train kwargs, the single-process
+    History): the 8-16-12-16-4 MLP the model-parallel tests split, each reference trained once."""
+    return _small_mlp_problem

@@ -1,10 +1,9 @@
-import functools
 import itertools
 
 import numpy as np
 import pytest
 
-from minidist import data, nn, train
+from minidist import nn, train
 from minidist.parallel.pipeline import (
     balanced_cuts,
     bubble_formula,
@@ -72,11 +71,8 @@ def test_stage_bounds_checks_its_cuts():
 
 
 @pytest.fixture(scope="module")
-def problem():
-    X, y = data.make_classification(200, 8, 4, seed=0)
-    model_fn = functools.partial(nn.mlp, [8, 16, 12, 16, 4], seed=1)
-    kwargs = {"steps": STEPS, "batch_size": 30, "lr": 0.2, "optimizer_options": {"momentum": 0.5}}
-    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
+def problem(small_mlp_problem):
+    return small_mlp_problem(30, STEPS)
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])

@@ -1,9 +1,8 @@
-import functools
 
 import numpy as np
 import pytest
 
-from minidist import cost, data, nn, run, train
+from minidist import cost, nn, run, train
 from minidist.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -60,11 +59,8 @@ def test_the_plan_pairs_linear_activation_linear():
 
 
 @pytest.fixture(scope="module")
-def problem():
-    X, y = data.make_classification(200, 8, 4, seed=0)
-    model_fn = functools.partial(nn.mlp, [8, 16, 12, 16, 4], seed=1)
-    kwargs = {"steps": STEPS, "batch_size": 32, "lr": 0.2, "optimizer_options": {"momentum": 0.5}}
-    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
+def problem(small_mlp_problem):
+    return small_mlp_problem(32, STEPS)
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])
