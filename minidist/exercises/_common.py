@@ -23,9 +23,10 @@ def _regression_problem(rng, n=None, d=None):
     return rng.normal(size=d), rng.normal(size=(n, d)), rng.normal(size=n)
 
 
-def _call(name, fn, *args):
-    """Run the learner's function; turn an exception into a failed Check."""
+def _call(name, fn, *args, convert=lambda result: np.asarray(result, dtype=np.float64)):
+    """(convert(fn(*args)), None), or (None, a failed Check) if the learner's function (or the
+    conversion of what it returned) raised."""
     try:
-        return np.asarray(fn(*args), dtype=np.float64), None
+        return convert(fn(*args)), None
     except Exception as exc:  # noqa: BLE001 - any error in learner code is reported, not raised
         return None, Check(name, False, f"your function raised {type(exc).__name__}: {exc}")

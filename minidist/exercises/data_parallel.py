@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from minidist.exercises._common import Check
+from minidist.exercises._common import Check, _call
 
 
 def check_shard_weights(fn, cases=((12, 4), (10, 4), (7, 3), (5, 5), (64, 1), (13, 8), (100, 7))):
@@ -15,10 +15,10 @@ def check_shard_weights(fn, cases=((12, 4), (10, 4), (7, 3), (5, 5), (64, 1), (1
     for batch, p in cases:
         sizes = np.array([hi - lo for lo, hi in (shard_bounds(batch, k, p) for k in range(p))])
         want = sizes / batch
-        try:
-            got = np.asarray(fn(batch, p), dtype=np.float64).reshape(-1)
-        except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-            return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+        got, failed = _call(name, fn, batch, p)
+        if failed is not None:
+            return failed
+        got = got.reshape(-1)
         where = f"with |B| = {batch} rows on p = {p} ranks (shards of {sizes.tolist()} rows)"
         if got.shape != want.shape:
             return Check(name, False, f"{where}, return one weight per rank ({p}), "

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from minidist.exercises._common import Check
+from minidist.exercises._common import Check, _call
 
 
 def check_sgd_kernel(kernel, seed=0):
@@ -61,10 +61,10 @@ def check_matmul_traffic(fn):
              (100, 30, 7, 32, 16))
     for M, N, K, BM, BN in cases:
         want = (M * K * -(-N // BN), K * N * -(-M // BM))
-        try:
-            got = tuple(int(v) for v in fn(M, N, K, BM, BN))
-        except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-            return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+        got, failed = _call(name, fn, M, N, K, BM, BN,
+                            convert=lambda result: tuple(int(v) for v in result))
+        if failed is not None:
+            return failed
         if got == want:
             continue
         case = f"M={M}, N={N}, K={K}, BM={BM}, BN={BN}"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from minidist.exercises._common import Check
+from minidist.exercises._common import Check, _call
 
 
 def _row_parallel_problem(rng, t):
@@ -22,11 +22,10 @@ def check_row_parallel_backward(fn, world_sizes=(2, 3, 4, 2), seed=0):
         for k in range(t):
             rows = slice(k * W.shape[0] // t, (k + 1) * W.shape[0] // t)
             want = (X.T @ dY)[rows], dY.sum(axis=0), (dY @ W.T)[:, rows]
-            try:
-                got = [np.asarray(g, dtype=np.float64) for g in fn(X[:, rows].copy(),
-                                                                    W[rows].copy(), dY.copy())]
-            except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-                return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+            got, failed = _call(name, fn, X[:, rows].copy(), W[rows].copy(), dY.copy(),
+                                convert=lambda grads: [np.asarray(g, np.float64) for g in grads])
+            if failed is not None:
+                return failed
             if len(got) != 3:
                 return Check(name, False, "return three arrays: (dW_k, db, dX_k)")
             where = f"with t = {t} ranks, rank {k}, X_k {X[:, rows].shape}, W_k {W[rows].shape}"
@@ -62,10 +61,9 @@ def check_bubble_fraction(fn, cases=((2, 1), (2, 4), (4, 1), (4, 4), (4, 16), (8
     name = "check_bubble_fraction"
     for p, m in cases:
         want = float(bubble_fraction(simulate("gpipe", p, m))[0])
-        try:
-            got = float(fn(p, m))
-        except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-            return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+        got, failed = _call(name, fn, p, m, convert=float)
+        if failed is not None:
+            return failed
         if abs(got - want) < 1e-9:
             continue
         where = f"with p = {p} stages and m = {m} micro-batches"
@@ -94,10 +92,9 @@ def check_tensor_parallel_params(fn, cases=((8, 16, 4, 2), (64, 128, 10, 4), (5,
         sizes = {ModelShard(model, tp_comm=SimpleNamespace(rank=k, world_size=t)).params.size
                  for k in range(t)}
         (want,) = sizes
-        try:
-            got = int(fn(d_in, hidden, d_out, t))
-        except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-            return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+        got, failed = _call(name, fn, d_in, hidden, d_out, t, convert=int)
+        if failed is not None:
+            return failed
         if got == want:
             continue
         where = f"for d_in={d_in}, hidden={hidden}, d_out={d_out} on t={t} ranks"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from minidist.exercises._common import Check
+from minidist.exercises._common import Check, _call
 
 
 def check_ssp_rule(fn, bounds=(0, 1, 2, 5)):
@@ -15,10 +15,9 @@ def check_ssp_rule(fn, bounds=(0, 1, 2, 5)):
         for slowest in (0, 3):
             for clock in range(slowest, slowest + s + 3):
                 want = may_serve_pull("ssp", clock, 0, slowest, s)
-                try:
-                    got = fn(clock, slowest, s)
-                except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-                    return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+                got, failed = _call(name, fn, clock, slowest, s, convert=lambda answer: answer)
+                if failed is not None:
+                    return failed
                 if not isinstance(got, (bool, np.bool_)):
                     return Check(name, False, f"return True or False, got {got!r}")
                 if got == want:
@@ -46,10 +45,9 @@ def check_server_traffic(fn, cases=((1000, 8, 4, 1), (1000, 8, 4, 3), (10, 4, 2,
     for n, itemsize, workers, k in cases:
         largest = max(hi - lo for lo, hi in (shard_bounds(n, j, k) for j in range(k)))
         want = 2 * workers * largest * itemsize
-        try:
-            got = fn(n, itemsize, workers, k)
-        except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-            return Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+        got, failed = _call(name, fn, n, itemsize, workers, k, convert=lambda answer: answer)
+        if failed is not None:
+            return failed
         where = f"with n = {n} parameters of {itemsize} B, {workers} workers, {k} servers"
         if np.isclose(got, want):
             continue

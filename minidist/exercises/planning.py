@@ -2,15 +2,7 @@
 
 import numpy as np
 
-from minidist.exercises._common import Check
-
-
-def _number(name, fn, *args):
-    """(value, None) or (None, a failing Check) for a learner function that returns a number."""
-    try:
-        return float(fn(*args)), None
-    except Exception as exc:  # noqa: BLE001 - any error in learner code is reported
-        return None, Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+from minidist.exercises._common import Check, _call
 
 
 def check_model_states(fn, cases=((1e9, 1, 1, 1), (7.5e9, 64, 1, 1), (175e9, 8, 8, 12),
@@ -21,7 +13,7 @@ def check_model_states(fn, cases=((1e9, 1, 1, 1), (7.5e9, 64, 1, 1), (175e9, 8, 
     name = "check_model_states"
     for psi, dp, tp, pp in cases:
         want = 16 * psi / (tp * pp)
-        got, failed = _number(name, fn, psi, dp, tp, pp)
+        got, failed = _call(name, fn, psi, dp, tp, pp, convert=float)
         if failed is not None:
             return failed
         if np.isclose(got, want, rtol=1e-9):
@@ -55,7 +47,7 @@ def check_pipeline_compute(fn, cases=((1e9, 1e6, 8, 1e14, 1, 1), (1e9, 1e6, 8, 1
     for psi, tokens, devices, flops, pp, m in cases:
         ideal = 6 * psi * tokens / (devices * flops)
         want = ideal * (1 + (pp - 1) / m)
-        got, failed = _number(name, fn, psi, tokens, devices, flops, pp, m)
+        got, failed = _call(name, fn, psi, tokens, devices, flops, pp, m, convert=float)
         if failed is not None:
             return failed
         if np.isclose(got, want, rtol=1e-9):
