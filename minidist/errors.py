@@ -1,5 +1,7 @@
 """The errors a distributed run can end in. Each names the ranks involved and what they did."""
 
+import traceback
+
 
 class WorkerError(RuntimeError):
     """A rank failed: it raised, exited, or was killed by a signal.
@@ -32,6 +34,12 @@ class CommTimeout(TimeoutError):
 
 class CollectiveMismatchError(RuntimeError):
     """Ranks called different collectives, or the same one with different shapes or dtypes."""
+
+
+def failure_report(exc):
+    """What a rank process sends its caller when it fails (remote_failure reads it back)."""
+    return ("error", type(exc).__name__, str(exc), traceback.format_exc(),
+            isinstance(exc, CommTimeout))
 
 
 def remote_failure(rank, exc_type, text, remote_traceback):

@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-import traceback
 import uuid
 from multiprocessing.connection import wait
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from minidist.comm import shm
 from minidist.comm.process import ProcessCommunicator, attach
-from minidist.errors import CommTimeout, WorkerError, remote_failure
+from minidist.errors import CommTimeout, WorkerError, failure_report, remote_failure
 
 
 def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, spaces, payload,
@@ -47,8 +46,7 @@ def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, sp
         message = ("ok", cloudpickle.dumps(result))
         del result
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the launcher
-        message = ("error", type(exc).__name__, str(exc), traceback.format_exc(),
-                   isinstance(exc, CommTimeout))
+        message = failure_report(exc)
     conn.send(message)
     conn.close()
     if comm is not None:

@@ -22,7 +22,6 @@ import glob
 import multiprocessing as mp
 import os
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -31,7 +30,7 @@ import cloudpickle
 import numpy as np
 
 from minidist.comm.process_launcher import _died, _stop
-from minidist.errors import CommTimeout, ServerError, remote_failure
+from minidist.errors import CommTimeout, ServerError, failure_report, remote_failure
 from minidist.ps import checkpoint, shards
 from minidist.ps import consistency as rules
 from minidist.ps.client import PSClient
@@ -148,8 +147,7 @@ def _worker_main(rank, workers, prefix, limits, dtype, conns, timeout, slow_fact
         client.finish()
         message = ("ok", cloudpickle.dumps((result, client.report())))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-        message = ("error", type(exc).__name__, str(exc), traceback.format_exc(),
-                   isinstance(exc, CommTimeout))
+        message = failure_report(exc)
     result_conn.send(message)
     result_conn.close()
     if client is not None:
