@@ -12,6 +12,7 @@ the trace-event JSON that Perfetto (ui.perfetto.dev) and chrome://tracing open.
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -101,7 +102,9 @@ def chrome_trace(events_per_rank, names=None):
 
 
 def save_chrome_trace(events_per_rank, path, names=None):
-    """Write chrome_trace(...) to `path` (open it in ui.perfetto.dev or chrome://tracing)."""
+    """Write chrome_trace(...) to `path`, making its folder if needed (open the file in
+    ui.perfetto.dev or chrome://tracing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(chrome_trace(events_per_rank, names), f)
     return path

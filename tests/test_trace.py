@@ -67,7 +67,7 @@ def test_every_strategy_records_a_timeline(problem, strategy, options, tmp_path)
         assert names & {"all_reduce", "send", "recv"}
         assert all(end >= start for _, start, end, *_ in events)
         assert {e[3] for e in events} == {0, 1, 2}
-    doc = json.loads(hist.save_trace(tmp_path / "trace.json").read_text())
+    doc = json.loads(hist.save_trace(tmp_path / "traces" / "trace.json").read_text())
     assert sum(e["ph"] == "X" for e in doc["traceEvents"]) == sum(map(len, hist.events))
     ax = hist.timeline(steps=[1])
     assert len(ax.patches) == sum(e[3] == 1 for events in hist.events for e in events)
