@@ -101,9 +101,10 @@ def tour(workers=4, backend="process", steps=300, seed=0, outdir="minidist-tour"
     histories, rows, kept = {}, [], []
     for label, strategy, options in TOUR:
         every_rank = job is not None and strategy not in PROCESS_ONLY and strategy != "single"
-        if every_rank and layout(strategy, workers)[0] != workers:
-            say(f"skipped {label}: this model splits over {layout(strategy, workers)[0]} "
-                f"ranks, the MPI job has {workers}")
+        fits = layout(strategy, workers)[0]
+        if every_rank and fits != workers:
+            say(f"skipped {label}: this model splits over {fits} ranks, the MPI job has "
+                f"{workers}")
             continue
         if root or every_rank:
             hist, row = train_one(strategy, workers, backend, steps, seed, label, **options)
