@@ -7,12 +7,14 @@
    applies θ ← θ − η·g on each push (asynchronous: nobody waits for anybody, so this measures
    the transport). Peers:
    - minidist.ps (consistency="asp", one server): parameter data through shared memory,
-     clocks and acknowledgements through pipes;
+     clocks and acknowledgements through pipes; the server updates θ in place with a compiled
+     one-pass loop (kernels/cpu_fused.py) and each worker copies θ out itself;
    - "Queue PS": the textbook design, one multiprocessing.Queue into the server and one back
      to each worker, every gradient and every parameter vector pickled into a pipe;
    - "torch RPC PS" (when torch is installed): PyTorch's RPC parameter-server design
      (torch.distributed.rpc, TensorPipe over 127.0.0.1), one rpc_sync per round trip that
-     pushes the gradient and returns the new parameters (the tutorial's update_and_fetch).
+     pushes the gradient and returns the new parameters (the tutorial's update_and_fetch),
+     the update being torch's one-pass in-place sub_.
    Per worker: the median seconds of a round trip (after warm-up); round trips/s are summed
    over the 2 workers; MB/s counts the bytes pushed plus pulled. Median over --repeats runs.
 2. Time to target loss. The digits MLP 64-256-256-10, 3 workers, batch 192, SGD lr 0.1, with

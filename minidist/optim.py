@@ -35,16 +35,19 @@ def linear_warmup(lr, warmup_steps, start_factor=0.0):
 
 
 class Optimizer:
-    """Holds a reference to the parameters, a step counter and per-parameter state arrays."""
+    """Holds a reference to the parameters, a step counter and per-parameter state arrays.
+
+    `ops`: the module whose *_update functions apply the step (default: kernels.ops_for, the
+    selected device's or the device the parameters live on)."""
 
     state_names = ()
 
-    def __init__(self, params, lr):
+    def __init__(self, params, lr, ops=None):
         is_array = isinstance(params, np.ndarray) or kernels.is_device_array(params)
         if not is_array or params.ndim != 1:
             raise ValueError("optimizers take the model's flat 1-D parameter buffer "
                              f"(model.params), got {getattr(params, 'shape', type(params))}")
-        self.params = params
+        self.params, self.ops = params, ops
         self.schedule = lr if callable(lr) else constant(float(lr))
         self.t = 0
         self.state = {name: kernels.zeros_like(params) for name in self.state_names}
@@ -61,6 +64,9 @@ class Optimizer:
                              f"{grads.shape}, params are {self.params.dtype} {self.params.shape}")
         self._update(grads, self.lr)
         self.t += 1
+
+    def _ops(self, grads):
+        return self.ops if self.ops is not None else kernels.ops_for(self.params, grads)
 
     def state_dict(self):
         """A copy of everything needed to resume: the step counter and the state arrays."""
@@ -84,17 +90,16 @@ class SGD(Optimizer):
 
     state_names = ("velocity",)
 
-    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, ops=None):
+        super().__init__(params, lr, ops)
         if momentum < 0 or weight_decay < 0:
             raise ValueError(f"momentum and weight_decay must be >= 0, "
                              f"got {momentum}, {weight_decay}")
         self.momentum, self.weight_decay = momentum, weight_decay
 
     def _update(self, grads, lr):
-        K = kernels.ops_for(self.params, grads)
-        K.sgd_update(self.params, grads, self.state["velocity"], lr, self.momentum,
-                     self.weight_decay)
+        self._ops(grads).sgd_update(self.params, grads, self.state["velocity"], lr,
+                                    self.momentum, self.weight_decay)
 
 
 class Adam(Optimizer):
@@ -102,16 +107,15 @@ class Adam(Optimizer):
 
     state_names = ("m", "v")
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, ops=None):
+        super().__init__(params, lr, ops)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Adam betas must lie in [0, 1), got {betas}")
         self.betas, self.eps = tuple(betas), eps
 
     def _update(self, grads, lr):
-        K = kernels.ops_for(self.params, grads)
-        K.adam_update(self.params, grads, self.state["m"], self.state["v"], lr, *self.betas,
-                      self.eps, self.t + 1)
+        self._ops(grads).adam_update(self.params, grads, self.state["m"], self.state["v"], lr,
+                                     *self.betas, self.eps, self.t + 1)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam}

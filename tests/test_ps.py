@@ -90,6 +90,26 @@ def test_no_update_is_lost_under_load(consistency, staleness):
     assert len(result.staleness) == 16 * 200
 
 
+def uniform_pushes(client, pushes):
+    """Push gradients whose entries are all equal; count the pulls whose θ is not uniform."""
+    torn, theta = 0, np.empty(client.n)
+    for _ in range(pushes):
+        client.push(np.full(client.n, client.rank + 1.0))
+        client.pull(out=theta)
+        torn += int(np.any(theta != theta[0]))
+    return torn
+
+
+def test_a_pull_never_sees_half_an_update():
+    """Workers copy θ out of shared memory while others push: the server must not write it
+    meanwhile. θ starts uniform and every gradient is, so any pulled θ is uniform unless an
+    update landed in the middle of a copy (large θ, 4 workers, ASP: such overlaps are common)."""
+    result = ps.run(uniform_pushes, 4, np.zeros(400_000), lr=1.0, consistency="asp",
+                    args=(40,))
+    assert result.results == [0, 0, 0, 0]
+    np.testing.assert_array_equal(result.params, -40.0 * (1 + 2 + 3 + 4))
+
+
 @pytest.mark.parametrize("staleness", [0, 2])
 def test_ssp_never_runs_more_than_s_clocks_ahead(staleness):
     result = ps.run(integer_pushes, 3, np.zeros(4), lr=1.0, consistency="ssp",

@@ -2,8 +2,8 @@
 
 Both talk to every shard in parallel: first a message to each server, then each answer in turn.
 
-    pull():  ("pull", c) to every shard  ->  each copies its θ_j into my pull slot, answers
-             ->  I copy the slots into one flat θ
+    pull():  ("pull", c) to every shard  ->  each answers once its rule allows  ->  I copy
+             its θ_j out of shared memory into my flat θ and send ("release",)
     push(g): g_j into my push slot of shard j, ("push", c, weight) to every shard  ->  each
              takes it and answers  ->  my clock c ← c + 1
 
@@ -62,7 +62,8 @@ class PSClient:
             conn.send(("pull", self.clock))
         for j, (lo, hi) in enumerate(self.bounds):
             self.version = self._answer(j, "params")[1]
-            out[lo:hi] = self.shards[j].pull[self.rank]
+            out[lo:hi] = self.shards[j].params
+            self.conns[j].send(("release",))
         end = time.monotonic()
         self._count("pull", end - start)
         self._pull_times = (start - self.start_time, end - self.start_time)

@@ -1,16 +1,20 @@
 """A parameter-server shard: its own process, owning a slice of θ and its optimizer state.
 
 Messages are small tuples over one pipe per worker; parameters and gradients go through the
-shard's shared-memory slots (minidist.ps.shards), never through the pipe.
+shard's shared memory (minidist.ps.shards), never through the pipe.
 
     worker -> server   ("hello",)           reply ("hello", clock_w, version, server pid)
-                       ("pull", c)          reply ("params", version, c_min) once allowed
+                       ("pull", c)          reply ("params", version, c_min) once allowed; the
+                                            worker copies θ_j out of shared memory, then
+                       ("release",)         says so: until every reader has, θ_j is not written
                        ("push", c, weight)  reply ("ack", version) once the gradient is used
                        ("clock", c)         resume: restart my clock at c (min over shards)
                        ("done",)            finished: nobody waits for this worker any more
     caller -> server   ("dead", w)          worker w died (elastic run): stop waiting for it
                        ("stop",)            reply ("final", θ_shard, records) and exit
 
+A push that arrives while workers are reading θ_j waits for their releases; no pull is
+answered while an update is waiting (updates first, so readers cannot starve them).
 BSP acknowledges a push only when its step is applied, and sums the step's gradients in rank
 order, so a BSP run is deterministic. If workers died (elastic), the step applies the weighted
 mean of the gradients that arrived: Σ_k g_k / Σ_k weight_k.
@@ -26,6 +30,7 @@ import cloudpickle
 import numpy as np
 
 from minidist import optim
+from minidist.kernels import cpu_fused
 from minidist.ps import checkpoint
 from minidist.ps.consistency import applies_at_once, may_serve_pull
 from minidist.ps.shards import ShardMemory
@@ -36,9 +41,10 @@ class ShardServer:
 
     def __init__(self, shard, params, conns, memory, config):
         self.shard, self.conns, self.memory, self.config = shard, conns, memory, config
-        self.params = np.array(params, copy=True)
-        self.opt = optim.make(config["optimizer"], self.params, config["lr"],
-                              **config["optimizer_options"])
+        self.params = memory.params  # θ_j lives in shared memory, so workers read it directly
+        self.params[...] = params
+        self.opt = optim.make(config["optimizer"], self.params, config["lr"], ops=cpu_fused,
+                              **config["optimizer_options"])  # this process never runs CUDA
         workers = len(conns)
         self.version, self.clocks = 0, np.zeros(workers, np.int64)
         if config["resume_version"] is not None:
@@ -54,6 +60,8 @@ class ShardServer:
         self.live, self.finished, self.died = set(range(workers)), set(), []
         self.pulled_version = [self.version] * workers
         self.waiting = {}   # worker -> clock of its pull, not yet allowed
+        self.readers = set()  # workers copying θ_j out right now: nobody writes it meanwhile
+        self.deferred = []  # ASP/SSP: (worker, clock) of pushes that wait for the readers
         self.pushers = {}   # BSP: worker -> weight, for the step being collected
         self.sum = np.zeros_like(self.params) if config["consistency"] == "bsp" else None
         self.staleness, self.pulls = [], []  # (w, clock, τ) per applied gradient; pull records
@@ -66,6 +74,8 @@ class ShardServer:
             self.conns[w].send(("hello", int(self.clocks[w]), self.version, os.getpid()))
         elif kind == "pull":
             self.waiting[w] = message[1]
+        elif kind == "release":
+            self.readers.discard(w)
         elif kind == "push":
             self._push(w, message[1], message[2])
         elif kind == "clock":  # a resumed async run restarts w here, on every shard
@@ -80,6 +90,7 @@ class ShardServer:
         self.live.discard(w)
         self.died.append(w)
         self.waiting.pop(w, None)
+        self.readers.discard(w)
         self._progress()
 
     def _push(self, w, clock, weight):
@@ -88,26 +99,37 @@ class ShardServer:
                              f"expected {self.clocks[w]}")
         self.clocks[w] += 1
         if applies_at_once(self.config["consistency"]):
-            self.staleness.append((w, clock, self.version - self.pulled_version[w]))
-            self._apply(self.memory.push[w])
-            self.conns[w].send(("ack", self.version))
+            self.deferred.append((w, clock))
         else:
             self.pushers[w] = weight
 
     def _active(self):
         return self.live - self.finished
 
+    def _step_ready(self):
+        return bool(self.pushers) and self._active() <= set(self.pushers)
+
     def _progress(self):
-        """Apply a BSP step once every running worker has pushed; answer the pulls now allowed."""
-        if self.pushers and self._active() <= set(self.pushers):
-            self._apply_bsp_step()
+        """Once nobody reads θ_j: apply the pushes that arrived (ASP, SSP) or the step every
+        running worker has pushed to (BSP). Then answer the pulls now allowed."""
+        if not self.readers:
+            for w, clock in self.deferred:
+                self.staleness.append((w, clock, self.version - self.pulled_version[w]))
+                self._apply(self.memory.push[w])
+                if w in self.live:
+                    self.conns[w].send(("ack", self.version))
+            self.deferred = []
+            if self._step_ready():
+                self._apply_bsp_step()
+        if self.deferred or self._step_ready():
+            return  # updates first: answer no pull until they are in
         active = self._active()
         c_min = min((int(self.clocks[k]) for k in active), default=None)
         for w, clock in list(self.waiting.items()):
             low = clock if c_min is None else c_min
             if may_serve_pull(self.config["consistency"], clock, self.version, low,
                               self.config["staleness"]):
-                self.memory.pull[w][...] = self.params
+                self.readers.add(w)
                 self.pulled_version[w] = self.version
                 self.pulls.append((w, clock, low, self.version))
                 del self.waiting[w]
@@ -145,7 +167,7 @@ class ShardServer:
 
 def serve(shard, lo, hi, params, workers, config_bytes, prefix, conns, control, threads):
     """The server process: answer messages until the caller says stop (or goes away)."""
-    memory = None
+    memory = server = None
     try:
         from threadpoolctl import threadpool_limits
 
@@ -178,5 +200,6 @@ def serve(shard, lo, hi, params, workers, config_bytes, prefix, conns, control, 
         with contextlib.suppress(OSError):
             control.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
+        del server  # its views of θ_j must go before the segment can close
         if memory is not None:
             memory.close()

@@ -1,15 +1,20 @@
 """Where parameter data lives: k contiguous shards of the flat buffer, each in shared memory.
 
 Shard j holds parameters [lo_j, hi_j) (data.shard_bounds over n parameters and k servers).
-Its segment `<prefix>_ps<j>` has, for each of the W workers, two slots of hi_j − lo_j numbers:
+Its segment `<prefix>_ps<j>` holds hi_j − lo_j numbers W + 1 times:
 
-    pull slot w    the server copies its parameters here, then answers worker w's pull
+    params         θ_j itself: the server updates it in place; a worker whose pull the server
+                   answered copies it out, then says "release"
     push slot w    worker w writes its gradient here, then tells the server to take it
 
-Each slot has one writer at a time, handed over by a message, so nothing is ever torn and no
-parameter or gradient is pickled: messages carry only clocks and versions. A control segment
-`<prefix>_ctl` holds an abort word (set when a server dies, so waiting workers stop with a
-clear error) and a status line per worker (what it is doing, for timeout messages).
+Who may write is handed over by messages, so nothing is ever torn and no parameter or gradient
+is pickled: messages carry only clocks and versions. The server never writes θ_j while a
+worker is reading it (a readers-writer lock kept with messages), and the copy out is the
+worker's work, not the server's: the server, the shared bottleneck, only applies updates.
+
+A control segment `<prefix>_ctl` holds an abort word (set when a server dies, so waiting
+workers stop with a clear error) and a status line per worker (what it is doing, for timeout
+messages).
 """
 
 import numpy as np
@@ -27,17 +32,17 @@ def bounds(n, num_servers):
 
 
 class ShardMemory:
-    """The pull and push slots of one shard, as numpy views (create=True: make the segment)."""
+    """θ_j and the push slots of one shard, as numpy views (create=True: make the segment)."""
 
     def __init__(self, prefix, shard, length, workers, dtype, create=False):
         dtype = np.dtype(dtype)
         self.segment = attach(f"{prefix}_ps{shard}", create=create,
-                              size=max(1, 2 * workers * length * dtype.itemsize))
-        slots = np.ndarray((2, workers, length), dtype, buffer=self.segment.buf)
-        self.pull, self.push = slots[0], slots[1]
+                              size=max(1, (workers + 1) * length * dtype.itemsize))
+        slots = np.ndarray((workers + 1, length), dtype, buffer=self.segment.buf)
+        self.params, self.push = slots[0], slots[1:]
 
     def close(self):
-        self.pull = self.push = None
+        self.params = self.push = None
         self.segment.close()
 
 
