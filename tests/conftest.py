@@ -37,3 +37,15 @@ def small_mlp_problem():
     """small_mlp_problem(batch_size, steps) -> (model_fn, X, y, train kwargs, the single-process
     History): the 8-16-12-16-4 MLP the model-parallel tests split, each reference trained once."""
     return _small_mlp_problem
+
+
+@pytest.fixture(scope="session")
+def digits_reference():
+    """(model_fn, X, y, train kwargs, History) of 50 single-process steps of SGD with momentum
+    on the digits: the reference every synchronous strategy must reproduce."""
+    from minidist import data, nn, train
+
+    X, y = data.load_digits()
+    model_fn = functools.partial(nn.mlp, [64, 32, 10], seed=0)
+    kwargs = {"steps": 50, "batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
+    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)

@@ -24,14 +24,6 @@ def nothing_left_behind():
     assert mp.active_children() == []
 
 
-@pytest.fixture(scope="module")
-def digits_reference():
-    X, y = data.load_digits()
-    model_fn = functools.partial(nn.mlp, [64, 16, 10], seed=0)
-    kwargs = {"steps": 50, "batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
-    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
-
-
 @pytest.mark.parametrize("num_servers", [1, 2])
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_bsp_reproduces_single(digits_reference, workers, num_servers):

@@ -71,15 +71,6 @@ def _relative_gap(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.fixture(scope="module")
-def digits_reference():
-    """50 steps of single-process SGD with momentum on the digits: the reference."""
-    X, y = data.load_digits()
-    model_fn = functools.partial(nn.mlp, [64, 32, 10], seed=0)
-    kwargs = {"steps": 50, "batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
-    return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
-
-
 @pytest.mark.parametrize("backend", ["thread", "process", "mpi"])
 @pytest.mark.parametrize("strategy", ["distributed_gd", "data_parallel"])
 @pytest.mark.parametrize("workers", [1, 2, 3, 4, 8])
