@@ -193,7 +193,13 @@ def fit_alpha_beta(nbytes, seconds, relative=True):
     counts alike: a 1 µs error matters at 8 bytes, not at 8 MB), else w_i = 1.
 
     Two unknowns: the best fit is the unconstrained one if it is non-negative, else the best
-    with α = 0 or β = 0 (the optimum of a convex problem on a quadrant lies on a face)."""
+    with α = 0 or β = 0 (the optimum of a convex problem on a quadrant lies on a face).
+
+    A term the data cannot resolve comes back as 0: β = 0.0 exactly when the times do not grow
+    with n over the sizes measured (the thread backend, whose wake-up latency hides the copy up
+    to hundreds of KiB); α ≈ 0 (to rounding) when they are proportional to n. So never divide
+    by β without checking: `link_bandwidth(β)` gives 1/β, or None when β was not resolved. To
+    resolve β, time sizes where the copy outweighs the latency (MiB, on the process backend)."""
     n, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
     if n.shape != t.shape or n.ndim != 1 or len(n) < 2:
         raise ValueError(f"need two equal-length 1-D sequences of >= 2 points, got shapes "
@@ -208,6 +214,15 @@ def fit_alpha_beta(nbytes, seconds, relative=True):
     candidates = [(0.0, max(0.0, float(np.sum(w * n * t) / max(np.sum(w * n * n), 1e-300)))),
                   (max(0.0, float(np.sum(w * t) / np.sum(w))), 0.0)]
     return min(candidates, key=lambda ab: sse(*ab))
+
+
+def link_bandwidth(beta):
+    """1/β in bytes per second, or None when β = 0 (not resolved by the fit: see
+    `fit_alpha_beta`)."""
+    beta = float(beta)
+    if beta < 0 or not np.isfinite(beta):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return 1.0 / beta if beta > 0 else None
 
 
 PING_PONG_SIZES = tuple(4**k for k in range(12))  # 1 B … 4 MiB

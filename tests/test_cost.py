@@ -173,6 +173,18 @@ def test_fit_alpha_beta_stays_non_negative():
         cost.fit_alpha_beta([1, 2, 3], [1, 2])
 
 
+def test_an_unresolved_term_is_zero_and_link_bandwidth_says_so():
+    n = np.array([4.0**k for k in range(1, 10)])
+    flat = np.full(n.shape, 25e-6)  # the thread backend's ping-pong: no growth with n
+    a, b = cost.fit_alpha_beta(n, flat)
+    assert b == 0.0 and a == pytest.approx(25e-6)
+    assert cost.link_bandwidth(b) is None
+    a, b = cost.fit_alpha_beta(n, 1e-10 * n)  # pure bandwidth: no per-message term
+    assert a < 1e-20 and cost.link_bandwidth(b) == pytest.approx(1e10)
+    with pytest.raises(ValueError, match="beta"):
+        cost.link_bandwidth(-1e-9)
+
+
 def test_measurements_run_on_the_thread_backend():
     sizes, seconds = cost.measure_ping_pong("thread", sizes=(8, 4096), repeats=3, warmup=1)
     assert list(sizes) == [8, 4096] and seconds.shape == (2,) and np.all(seconds > 0)
