@@ -148,10 +148,12 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
                    details=[r.get("details", {}) for r in ranks])
 
 
-def _check_finite(losses, lr):
+def _check_finite(losses, lr, first_step=0):
+    """Raise at the first non-finite loss; losses[i] is the loss of step first_step + i."""
     bad = np.flatnonzero(~np.isfinite(losses))
     if len(bad):
-        raise ValueError(f"the loss became {losses[bad[0]]} at step {bad[0]} (lr={lr}); "
+        raise ValueError(f"the loss became {losses[bad[0]]} at step {first_step + bad[0]} "
+                         f"(lr={lr}); "
                          "training diverged: try a smaller learning rate")
 
 
@@ -169,7 +171,7 @@ def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_op
     for t, idx in enumerate(batches):
         start = time.perf_counter()
         loss[t] = model.loss_and_grad(X[idx], y[idx])
-        _check_finite(loss[t:t + 1], opt.lr)
+        _check_finite(loss[t:t + 1], opt.lr, first_step=t)
         opt.step(model.grads)
         step_time[t] = time.perf_counter() - start
     return History(strategy="single", workers=1, model_fn=model_fn,

@@ -1,4 +1,5 @@
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -55,6 +56,17 @@ def test_divergence_is_reported(problem):
     with np.errstate(over="ignore", invalid="ignore"):
         with pytest.raises(ValueError, match="diverged"):
             train(model_fn, 1e3 * X, y, steps=50, lr=1e6)
+
+
+def test_divergence_names_the_step_it_happened_at(problem):
+    model_fn, X, y = problem
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(ValueError, match=r"at step (\d+)") as failure:
+            train(model_fn, 30 * X, y, steps=60, lr=50.0)
+        step = int(re.search(r"at step (\d+)", str(failure.value)).group(1))
+        assert step > 0, "the blow-up of this run starts after a few finite steps"
+        finite = train(model_fn, 30 * X, y, steps=step, lr=50.0)  # the steps before it
+    assert np.all(np.isfinite(finite.loss))
 
 
 def test_history_plot_draws_the_loss(problem):
