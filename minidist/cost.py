@@ -195,11 +195,12 @@ def fit_alpha_beta(nbytes, seconds, relative=True):
     Two unknowns: the best fit is the unconstrained one if it is non-negative, else the best
     with α = 0 or β = 0 (the optimum of a convex problem on a quadrant lies on a face).
 
-    A term the data cannot resolve comes back as 0: β = 0.0 exactly when the times do not grow
-    with n over the sizes measured (the thread backend, whose wake-up latency hides the copy up
-    to hundreds of KiB); α ≈ 0 (to rounding) when they are proportional to n. So never divide
-    by β without checking: `link_bandwidth(β)` gives 1/β, or None when β was not resolved. To
-    resolve β, time sizes where the copy outweighs the latency (MiB, on the process backend)."""
+    A term the data cannot resolve comes back as exactly 0.0 (as does one that adds less than
+    10⁻⁹ of the largest time, rounding): β = 0 when the times do not grow with n over the sizes
+    measured (the thread backend, whose wake-up latency hides the copy up to hundreds of KiB);
+    α = 0 when they are proportional to n. So never divide by β without checking:
+    `link_bandwidth(β)` gives 1/β, or None when β was not resolved. To resolve β, time sizes
+    where the copy outweighs the latency (MiB, on the process backend)."""
     n, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
     if n.shape != t.shape or n.ndim != 1 or len(n) < 2:
         raise ValueError(f"need two equal-length 1-D sequences of >= 2 points, got shapes "
@@ -209,11 +210,12 @@ def fit_alpha_beta(nbytes, seconds, relative=True):
     sse = lambda a, b: float(np.sum(w * (a + b * n - t) ** 2))  # noqa: E731
     A = np.stack([np.ones_like(n), n], axis=1) * np.sqrt(w)[:, None]
     a, b = np.linalg.lstsq(A, t * np.sqrt(w), rcond=None)[0]
-    if a >= 0 and b >= 0:
-        return float(a), float(b)
-    candidates = [(0.0, max(0.0, float(np.sum(w * n * t) / max(np.sum(w * n * n), 1e-300)))),
-                  (max(0.0, float(np.sum(w * t) / np.sum(w))), 0.0)]
-    return min(candidates, key=lambda ab: sse(*ab))
+    if not (a >= 0 and b >= 0):
+        candidates = [(0.0, max(0.0, float(np.sum(w * n * t) / max(np.sum(w * n * n), 1e-300)))),
+                      (max(0.0, float(np.sum(w * t) / np.sum(w))), 0.0)]
+        a, b = min(candidates, key=lambda ab: sse(*ab))
+    rounding = 1e-9 * float(np.abs(t).max())  # a term adding less than this is lstsq's rounding
+    return (float(a) if a > rounding else 0.0), (float(b) if b * n.max() > rounding else 0.0)
 
 
 def link_bandwidth(beta):
