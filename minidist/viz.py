@@ -78,7 +78,7 @@ def plot_schedules(stages, micro_batches, forward=1.0, backward=2.0, fig=None):
     ax.set(yticks=range(stages), yticklabels=[f"stage {s}" for s in range(stages)],
            xlabel="micro-batches held", title="peak stored activations")
     ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside, off the bars
     fig.suptitle(f"p = {stages} stages, m = {micro_batches} micro-batches "
                  f"(a backward takes {backward / forward:g}× a forward)", fontsize=10)
     fig.tight_layout()

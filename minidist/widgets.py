@@ -29,11 +29,19 @@ def _digits():
     return data.load_digits()
 
 
+PING_PONG_SIZES = tuple(4**k for k in range(1, 12))  # 4 B … 4 MiB
+
+
 @functools.cache
 def measured_alpha_beta(backend="thread"):
-    """(α seconds per message, β seconds per byte) of `backend`: a ping-pong fit, measured once."""
-    sizes = tuple(4**k for k in range(1, 10))  # 4 B … 256 KiB
-    sizes, seconds = cost.measure_ping_pong(backend=backend, sizes=sizes, repeats=9, warmup=2)
+    """(α seconds per message, β seconds per byte) of `backend`: a ping-pong fit, measured once.
+
+    The sizes run up to 4 MiB, past the point where copying the bytes outweighs a message's
+    fixed cost: below a few hundred KiB the thread backend's wake-up latency hides the copy
+    and the times are flat. β = 0 means the fit still could not resolve it (see
+    `cost.fit_alpha_beta`); the prediction then counts latency only, and says so."""
+    sizes, seconds = cost.measure_ping_pong(backend=backend, sizes=PING_PONG_SIZES, repeats=9,
+                                            warmup=2)
     return cost.fit_alpha_beta(sizes, seconds)
 
 
@@ -60,6 +68,16 @@ class DataParallelResult:
         """Communication's share of compute + communication time, per worker count."""
         return self.comm_time / (self.comm_time + self.compute_time)
 
+    @property
+    def bandwidth(self):
+        """1/β in bytes per second, or None when the fit did not resolve β (β = 0)."""
+        return cost.link_bandwidth(self.beta)
+
+    @property
+    def model_label(self):
+        """How the α-β prediction is labelled: 'β unresolved: α only' when the fit gave β = 0."""
+        return "α-β prediction" if self.beta > 0 else "α-β prediction (β unresolved: α only)"
+
 
 def _worker_counts(workers):
     counts = range(1, int(workers) + 1) if np.ndim(workers) == 0 else workers
@@ -74,7 +92,8 @@ def data_parallel_experiment(workers=4, batch_size=64, lr=0.1, steps=30, backend
                              alpha=None, beta=None, cores=None, X=None, y=None, seed=0):
     """Train the MLP `sizes` (default: the digits MLP 64-128-10) with strategy="data_parallel"
     on 1, 2, …, `workers` workers (or on the given list of counts; 1 is always added), and
-    predict each step time with the α-β model. α, β: measured on `backend` unless given;
+    predict each step time with the α-β model. α, β: measured on `backend` unless given
+    (β = 0, a fit that could not resolve it, predicts the messages' latency only);
     cores: split the compute min(p, cores) ways, not p (a machine with fewer cores than ranks).
     The prediction models the ring all-reduce, whatever `algorithm` the run uses.
 
@@ -85,6 +104,9 @@ def data_parallel_experiment(workers=4, batch_size=64, lr=0.1, steps=30, backend
         X, y = _digits()
     if alpha is None or beta is None:
         alpha, beta = measured_alpha_beta(backend)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     model_fn = functools.partial(nn.mlp, list(sizes), seed=seed)
     with threadpool_limits(1):  # one BLAS thread per rank, as the process backend does
         runs = [train(model_fn, X, y, strategy="data_parallel", workers=int(p), backend=backend,
@@ -118,25 +140,34 @@ def plot_data_parallel(result, fig=None):
     fig = fig or plt.figure(figsize=(13, 3.8))
     ax_loss, ax_time, ax_speed = fig.subplots(1, 3)
     p, ms = result.workers, 1e3
+
+    def headroom(ax, top, bottom=0.0, share=0.3):  # an empty band on top for the legend
+        ax.set_ylim(bottom, top + share / (1 - share) * (top - bottom))
+
     for i, count in enumerate(p):
         ax_loss.plot(result.loss[i], lw=3.5 - 2.5 * i / max(1, len(p) - 1),
                      label=f"{count} worker{'s' * bool(count > 1)}")
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss: the same curve for every p")
-    ax_loss.legend(fontsize=7, ncol=2)
+    low, high = np.nanmin(result.loss), np.nanmax(result.loss)
+    headroom(ax_loss, high, low - 0.05 * (high - low), share=0.35 if len(p) > 4 else 0.25)
+    ax_loss.legend(fontsize=7, ncol=4, loc="upper center")
     ax_time.bar(p, result.compute_time * ms, color="tab:blue", label="compute")
     ax_time.bar(p, result.comm_time * ms, bottom=result.compute_time * ms, color="tab:orange",
                 label="communication")
-    ax_time.plot(p, result.predicted_time * ms, "k_", ms=14, mew=2, label="α-β prediction")
+    ax_time.plot(p, result.predicted_time * ms, "k_", ms=14, mew=2, label=result.model_label)
     ax_time.set(xlabel="workers p", ylabel="ms per step (rank 0, median)", xticks=p,
                 title="where a step's time goes")
-    ax_time.legend(fontsize=7)
+    headroom(ax_time, max((result.compute_time + result.comm_time).max(),
+                          result.predicted_time.max()) * ms)
+    ax_time.legend(fontsize=7, ncol=2, loc="upper center")
     ax_speed.plot(p, p, ":", color="gray", label="ideal: p")
-    ax_speed.plot(p, result.predicted_speedup, "s--", color="black", ms=4, label="α-β prediction")
+    ax_speed.plot(p, result.predicted_speedup, "s--", color="black", ms=4,
+                  label=result.model_label)
     ax_speed.plot(p, result.speedup, "o-", color="tab:red", label="measured")
     ax_speed.axhline(1, color="gray", lw=0.5)
-    ax_speed.set(xlabel="workers p", ylabel="speed-up vs 1 worker", xticks=p,
-                 title="speed-up", ylim=(0, max(p) + 0.5))
-    ax_speed.legend(fontsize=7)
+    ax_speed.set(xlabel="workers p", ylabel="speed-up vs 1 worker", xticks=p, title="speed-up")
+    headroom(ax_speed, max(p.max(), result.speedup.max(), result.predicted_speedup.max()))
+    ax_speed.legend(fontsize=7, ncol=2, loc="upper center")
     s = result.settings
     fig.suptitle(f"data parallel, {s['backend']} backend: MLP {'-'.join(map(str, s['sizes']))}, "
                  f"global batch {s['batch_size']}, lr {s['lr']:g}, gradient "
@@ -229,8 +260,8 @@ def plot_linear_scaling(runs, fig=None, window_samples=None):
     ax_loss.set(xlabel="samples processed", ylabel="training loss (moving average)",
                 title="same samples, same curve when lr scales with the batch")
     ax_lr.set(xlabel="samples processed", ylabel="learning rate", title="learning rate")
-    ax_loss.legend(fontsize=8)
-    ax_lr.legend(fontsize=8)
+    ax_loss.legend(fontsize=8, loc="upper right")
+    ax_lr.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     return fig
 

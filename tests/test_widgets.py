@@ -93,3 +93,46 @@ def test_linear_scaling_rule_tracks_the_small_batch_curve():
     assert gap(scaled) < gap(unscaled)
     fig = widgets.plot_linear_scaling(runs)
     assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 3
+
+
+def test_unresolved_beta_predicts_latency_only_and_says_so(monkeypatch):
+    # the thread backend's flat ping-pong (~25 µs from 4 B to 256 KiB, a little noise that
+    # does not grow with size): the fit cannot resolve β and returns 0
+    def flat_ping_pong(backend, sizes, **_):
+        return np.array(sizes), np.linspace(26e-6, 24e-6, len(sizes))
+
+    monkeypatch.setattr(widgets.cost, "measure_ping_pong", flat_ping_pong)
+    widgets.measured_alpha_beta.cache_clear()
+    try:
+        alpha, beta = widgets.measured_alpha_beta("thread")
+        result = widgets.data_parallel_experiment([2, 4], batch_size=16, lr=0.1, steps=3)
+    finally:
+        widgets.measured_alpha_beta.cache_clear()  # later tests measure for real
+    assert beta == 0.0 and alpha == pytest.approx(25e-6, rel=0.05)
+    assert result.beta == 0.0 and result.bandwidth is None
+    assert "unresolved" in result.model_label
+    # latency only: the ring's 2(p − 1) messages of α each, on top of C₁ / p
+    latency = 2 * (result.workers - 1) * alpha
+    np.testing.assert_allclose(result.predicted_time - result.compute_time[0] / result.workers,
+                               latency, rtol=1e-12)
+    assert np.all(np.isfinite(result.predicted_speedup))
+    fig = widgets.plot_data_parallel(result)
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert result.model_label in labels
+
+
+def test_resolved_beta_gives_the_link_bandwidth(result):
+    assert result.bandwidth == pytest.approx(1 / FAST["beta"])
+    assert result.model_label == "α-β prediction"
+
+
+def test_measured_alpha_beta_spans_sizes_where_beta_shows():
+    assert widgets.PING_PONG_SIZES[0] == 4 and widgets.PING_PONG_SIZES[-1] == 4 * 2**20
+
+
+@pytest.mark.parametrize("bad", [{"alpha": -1e-6, "beta": 0.0}, {"alpha": 1e-6,
+                                                                 "beta": float("nan")}])
+def test_negative_or_nan_costs_are_refused(bad):
+    name = "alpha" if bad["alpha"] < 0 else "beta"
+    with pytest.raises(ValueError, match=name):
+        widgets.data_parallel_experiment([2], batch_size=16, lr=0.1, steps=2, **bad)
