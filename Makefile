@@ -26,16 +26,16 @@ test: $(STAMP) lint chromium  ## every test, the lessons included, then the docs
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:randomly lessons/
 	$(MAKE) --no-print-directory docs
 
-docs: $(STAMP)  ## the docs site into site/ (strict: any warning fails the build)
+docs: $(STAMP)  ## the docs site into site/ (strict: any warning fails the build), MathJax included
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides warnings from --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check minidist tests
 
-chromium:  ## Debian's chromium for tests/test_browser.py (apt-get as root; else the test skips)
+chromium:  ## Debian's chromium for the browser tests (apt-get as root; else they skip)
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends chromium; }; } || echo "no /usr/bin/chromium: the browser test skips"
+	    --no-install-recommends chromium; }; } || echo "no /usr/bin/chromium: the browser tests skip"
 
 $(VENV)/.bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

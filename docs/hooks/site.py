@@ -5,8 +5,12 @@
 - API reference: one page per public module of minidist, generated from its docstrings by
   mkdocstrings (`::: minidist.module`).
 - Benchmarks: benchmarks/results/*.json rendered by benchmarks/report.py, with their figures.
+- MathJax 3, served from the site itself (assets/mathjax/), so that the math is typeset offline
+  too: its files come from the `django-static-mathjax` wheel on PyPI (the `docs` extra; MathJax's
+  own build, packaged as plain files, with no dependency: Django is not needed to use them).
 """
 
+import importlib.resources
 import importlib.util
 import json
 from pathlib import Path
@@ -62,6 +66,25 @@ def _api_nav(names):
     return nav
 
 
+MATHJAX_ENTRY = "tex-mml-chtml.js"  # mkdocs.yml loads assets/mathjax/tex-mml-chtml.js
+
+
+def _mathjax_files():
+    """(path in the site, file on disk) for MathJax's entry point and every component it may load
+    on demand (its TeX extensions, CHTML fonts, menu, accessibility and speech modules)."""
+    try:
+        es5 = Path(str(importlib.resources.files("mathjax"))) / "static" / "mathjax" / "es5"
+    except ModuleNotFoundError:
+        es5 = None
+    if es5 is None or not (es5 / MATHJAX_ENTRY).is_file():
+        raise RuntimeError("MathJax is missing: the docs site serves it from the "
+                           "django-static-mathjax package; install the docs extra "
+                           "(pip install -e '.[docs]', or `make docs`)")
+    files = [es5 / MATHJAX_ENTRY]
+    files += sorted(f for d in es5.iterdir() if d.is_dir() for f in d.rglob("*") if f.is_file())
+    return [(f"assets/mathjax/{f.relative_to(es5).as_posix()}", f) for f in files]
+
+
 def _report():
     spec = importlib.util.spec_from_file_location("benchmark_report",
                                                   ROOT / "benchmarks" / "report.py")
@@ -95,4 +118,6 @@ def on_files(files, config):
         if figure.with_suffix(".json").exists():
             files.append(File.generated(config, f"benchmarks/{figure.name}",
                                         abs_src_path=str(figure)))
+    for dest, source in _mathjax_files():
+        files.append(File.generated(config, dest, abs_src_path=str(source)))
     return files

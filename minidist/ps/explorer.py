@@ -94,7 +94,7 @@ class SimulatedRun:
 def simulate_consistency(consistency, durations, staleness=None):
     """The schedule BSP, ASP or SSP(staleness) implies when messages and updates are free.
 
-    durations[w][t] is worker w's compute time for step t. A worker pulls, computes, pushes,
+    `durations[w][t]` is worker w's compute time for step t. A worker pulls, computes, pushes,
     and pulls again at once; the pull of clock c is answered by the rule of
     minidist.ps.consistency (BSP: step c − 1 applied; SSP: c − c_min ≤ s; ASP: at once).
     Pushes that end at the same instant are taken in rank order, before any pull."""
