@@ -49,3 +49,43 @@ def digits_reference():
     model_fn = functools.partial(nn.mlp, [64, 32, 10], seed=0)
     kwargs = {"steps": 50, "batch_size": 64, "lr": 0.1, "optimizer_options": {"momentum": 0.9}}
     return model_fn, X, y, kwargs, train(model_fn, X, y, **kwargs)
+
+
+FAULTS_JSON = Path(__file__).parent / "artifacts" / "faults.json"
+
+
+class FaultMatrix:
+    """Rows of the fault matrix (docs/faults.md, rendered by tests/fault_matrix.py): each fault
+    test records what it injected, on which backend, the outcome it asserted and the seconds
+    until the run failed."""
+
+    def __init__(self):
+        self.rows = []
+
+    def record(self, fault, backend, outcome, seconds, test=""):
+        self.rows.append({"fault": str(fault), "backend": str(backend), "outcome": str(outcome),
+                          "seconds": round(float(seconds), 3), "test": str(test)})
+
+
+_FAULTS = FaultMatrix()
+
+
+@pytest.fixture
+def fault_matrix(request):
+    """fault_matrix.record(fault, backend, outcome, seconds): a row of docs/faults.md, written
+    to tests/artifacts/faults.json when the session ends (call it after the test's asserts)."""
+
+    class _Recorder:
+        def record(self, fault, backend, outcome, seconds):
+            _FAULTS.record(fault, backend, outcome, seconds, test=request.node.nodeid)
+
+    return _Recorder()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _FAULTS.rows:
+        import json
+
+        FAULTS_JSON.parent.mkdir(exist_ok=True)
+        rows = sorted(_FAULTS.rows, key=lambda r: (r["fault"], r["backend"]))
+        FAULTS_JSON.write_text(json.dumps(rows, indent=1) + "\n")
