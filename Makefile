@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: lab demo test lint docs chromium lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels bench-model-parallel clean
+.PHONY: lab demo test lint docs chromium faults lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels bench-model-parallel clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
@@ -28,6 +28,10 @@ test: $(STAMP) lint chromium  ## every test, the lessons included, then the docs
 
 docs: $(STAMP)  ## the docs site into site/ (strict: any warning fails the build), MathJax included
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides warnings from --strict
+
+faults: $(STAMP)  ## run the fault tests, then write docs/faults.md from what they recorded
+	$(BIN)/python -m pytest -m fault -p no:randomly tests
+	$(BIN)/python tests/fault_matrix.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check minidist tests
