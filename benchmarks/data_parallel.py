@@ -1,6 +1,7 @@
 """Data-parallel training: minidist vs PyTorch DistributedDataParallel (gloo, CPU) in ONE run.
 
     python benchmarks/data_parallel.py [--quick] [--repeats 3] [--configs digits wide]
+                                       [--peers single minidist ddp] [--out DIR]
 
 Peers, on each configuration, all with the same model, data, initial weights (minidist's
 seeded initial parameters, copied into the torch model), global batch per step (minidist's
@@ -23,6 +24,13 @@ they kept busy during the run (/proc/stat minus this run's own CPU time), repeat
 disturbed (`--busy`, `--retries`) and keeps the least disturbed attempt.
 samples/s = batch / step time; parallel efficiency at p workers = samples/s(p) / (p · samples/s(1))
 of the same library.
+
+A peer whose processes crash (PyTorch's gloo ranks can abort with SIGABRT at start-up on some
+machines; a minidist rank killed by a signal alike) is retried once; a run that crashes twice is
+reported as crashed, with its errors, in the table, the figure and the JSON ("crashed",
+"crashes"), and the other peers' results are kept. A ratio that needs a crashed peer is null.
+(`--inject-abort KIND:WORKERS[:TIMES]`, for tests only, makes a rank of that peer abort in its
+first TIMES attempts, every attempt by default.)
 
 Writes benchmarks/results/data_parallel.json and data_parallel.png and prints a table of ratios.
 """
@@ -52,6 +60,47 @@ CONFIGS = {
 PEERS = [("minidist single", "single", 1), ("minidist data_parallel", "minidist", 1),
          ("minidist data_parallel", "minidist", 2), ("PyTorch DDP (gloo)", "ddp", 1),
          ("PyTorch DDP (gloo)", "ddp", 2)]
+CRASH_TRIES = 2  # a crashed run is retried once
+
+
+def abort_now():
+    """Die of SIGABRT, as gloo does when it aborts (no core file)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.abort()
+
+
+class Injector:
+    """--inject-abort KIND:WORKERS[:TIMES]: which attempts of which peer abort (tests only)."""
+
+    def __init__(self, spec=None):
+        self.left = {}
+        for item in spec or []:
+            kind, workers, *times = item.split(":")
+            if kind not in ("minidist", "ddp") or not workers.isdigit() or len(times) > 1:
+                raise SystemExit(f"--inject-abort {item!r}: expected minidist|ddp:WORKERS[:TIMES]")
+            self.left[(kind, int(workers))] = int(times[0]) if times else -1
+
+    def take(self, kind, workers):
+        """True if this attempt of (kind, workers) must abort; counts it."""
+        left = self.left.get((kind, workers), 0)
+        if left:
+            self.left[(kind, workers)] = left - 1
+        return left != 0
+
+
+class AbortInRanks:
+    """A model factory that aborts when called in a rank process (not in the benchmark's own
+    process, which also calls it): the injected crash of a minidist peer."""
+
+    def __init__(self, factory):
+        self.factory, self.parent = factory, os.getpid()
+
+    def __call__(self):
+        if os.getpid() != self.parent:
+            abort_now()
+        return self.factory()
 
 
 def make_data(config):
@@ -75,14 +124,15 @@ def model_fn(config):
 
 
 # ---- minidist ---------------------------------------------------------------------------------
-def run_minidist(config, split, workers, steps, strategy):
+def run_minidist(config, split, workers, steps, strategy, abort=False):
     from threadpoolctl import threadpool_limits
 
     import minidist
 
     X_train, _, y_train, _ = split
+    factory = AbortInRanks(model_fn(config)) if abort else model_fn(config)
     with threadpool_limits(limits=1):  # "single" runs here; data_parallel ranks cap themselves
-        hist = minidist.train(model_fn(config), X_train, y_train, strategy=strategy,
+        hist = minidist.train(factory, X_train, y_train, strategy=strategy,
                               workers=workers, backend="process", steps=steps,
                               batch_size=config["batch"], lr=config["lr"], seed=SEED,
                               optimizer_options={"momentum": MOMENTUM})
@@ -91,7 +141,7 @@ def run_minidist(config, split, workers, steps, strategy):
 
 
 # ---- PyTorch DDP ------------------------------------------------------------------------------
-def ddp_worker(rank, workers, config, steps, store_path, out_path):
+def ddp_worker(rank, workers, config, steps, store_path, out_path, abort=False):
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -105,6 +155,8 @@ def ddp_worker(rank, workers, config, steps, store_path, out_path):
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=workers)
+    if abort and rank == workers - 1:  # the injected crash: gloo's abort at start-up
+        abort_now()
     X_train, _, y_train, _ = make_data(config)
     reference = model_fn(config)()  # minidist's initial weights, W stored (d_in, d_out)
     sizes, layers = config["sizes"], []
@@ -141,13 +193,13 @@ def ddp_worker(rank, workers, config, steps, store_path, out_path):
     dist.destroy_process_group()
 
 
-def run_ddp(config, workers, steps):
+def run_ddp(config, workers, steps, abort=False):
     import torch.multiprocessing as tmp_mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ddp.npz"
-        tmp_mp.spawn(ddp_worker, args=(workers, config, steps, str(Path(tmp) / "store"), str(out)),
-                     nprocs=workers, join=True)
+        tmp_mp.spawn(ddp_worker, nprocs=workers, join=True,
+                     args=(workers, config, steps, str(Path(tmp) / "store"), str(out), abort))
         got = np.load(out)
         return {"params": got["params"], "step_time": got["step_time"]}
 
@@ -190,18 +242,55 @@ def wait_for_quiet(max_wait, threshold):
             return
 
 
-def measured_run(run, quiet_wait, threshold, retries):
+def crash_types():
+    """The exceptions that mean a peer's processes died: minidist's WorkerError (a rank raised,
+    exited or was killed; EOFError too, which minidist's process launcher can let through when
+    a rank dies between its checks), torch.multiprocessing.spawn's (a rank exited, or raised:
+    gloo's error when its partner died)."""
+    from minidist.errors import WorkerError
+
+    types = [WorkerError, EOFError]
+    try:
+        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+    except ImportError:
+        pass
+    else:
+        types += [ProcessExitedException, ProcessRaisedException]
+    return tuple(types)
+
+
+def describe_crash(error):
+    """One line for the table and the JSON: the exception's class and its first line."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, EOFError) and not first:
+        first = "a rank's result pipe closed with no result (the rank died)"
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def measured_run(run, quiet_wait, threshold, retries, crash_tries=CRASH_TRIES):
     """run() after a quiet moment; again (at most `retries` times) while other processes kept
-    >= threshold cores busy during it. The least disturbed attempt is kept."""
-    attempts = []
-    for _ in range(retries + 1):
+    >= threshold cores busy during it. The least disturbed attempt is kept. An attempt whose
+    processes crash is retried; after `crash_tries` crashes the run is {"crashed": True, ...}
+    (no traceback: the other peers' results must survive it)."""
+    attempts, crashes, crashed_by = [], [], crash_types()
+    while len(attempts) <= retries and len(crashes) < crash_tries:
         if quiet_wait > 0:
             wait_for_quiet(quiet_wait, threshold)
-        got, busy = others_busy(run)
-        attempts.append({**got, "others_busy_cores": busy, "attempts": len(attempts) + 1})
+        try:
+            got, busy = others_busy(run)
+        except crashed_by as error:
+            crashes.append(describe_crash(error))
+            print(f"  crashed ({len(crashes)} of {crash_tries} tries): {crashes[-1]}",
+                  file=sys.stderr)
+            continue
+        attempts.append({**got, "others_busy_cores": busy,
+                         "attempts": len(attempts) + len(crashes) + 1})
         if not busy >= threshold:
             break
-    return min(attempts, key=lambda a: a["others_busy_cores"])
+    if not attempts:
+        return {"crashed": True, "crashes": crashes, "attempts": len(crashes)}
+    best = min(attempts, key=lambda a: a["others_busy_cores"])
+    return {**best, "crashed": False, "crashes": crashes}
 
 
 def relative_gap(a, b):
@@ -209,61 +298,78 @@ def relative_gap(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def measure(name, config, split, steps, warmup, repeats, quiet):
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def measure(name, config, split, steps, warmup, repeats, quiet, peers=PEERS, inject=None):
     """Every peer `repeats` times, interleaved; per-peer medians and the final-model checks.
-    quiet: (quiet_wait, threshold, retries) for measured_run."""
+    quiet: (quiet_wait, threshold, retries) for measured_run; inject: an Injector or None.
+    A peer with no completed run is a row with "crashed": True and null figures."""
     from minidist import nn
 
-    runs = {(label, w): [] for label, _, w in PEERS}
+    inject = inject or Injector()
+    runs = {(label, w): [] for label, _, w in peers}
     finals = {}
     for _ in range(repeats):
-        for label, kind, workers in PEERS:
+        for label, kind, workers in peers:
             if kind == "ddp":
-                run = functools.partial(run_ddp, config, workers, steps)
+                def run(w=workers):
+                    return run_ddp(config, w, steps, abort=inject.take("ddp", w))
             else:
-                strategy = "single" if label.endswith("single") else "data_parallel"
-                run = functools.partial(run_minidist, config, split, workers, steps, strategy)
+                strategy = "single" if kind == "single" else "data_parallel"
+
+                def run(w=workers, k=kind, strategy=strategy):
+                    return run_minidist(config, split, w, steps, strategy,
+                                        abort=k == "minidist" and inject.take("minidist", w))
             got = measured_run(run, *quiet)
             runs[(label, workers)].append(got)
-            finals[(label, workers)] = got["params"]
+            if not got["crashed"]:
+                finals[(label, workers)] = got["params"]
     X_train, X_test, y_train, y_test = split
-    reference = finals[("minidist single", 1)]
+    reference = finals.get(("minidist single", 1))
     rows = []
-    for label, kind, workers in PEERS:
-        per_run = [float(np.median(r["step_time"][warmup:])) for r in runs[(label, workers)]]
-        step = float(np.median(per_run))
-        model = nn.mlp(config["sizes"], seed=SEED)
-        model.params = finals[(label, workers)]
+    for label, kind, workers in peers:
+        done = [r for r in runs[(label, workers)] if not r["crashed"]]
         row = {"peer": label, "library": "PyTorch" if kind == "ddp" else "minidist",
-               "workers": workers, "dtype": "float64",
-               "median_step_s": step, "samples_per_s": config["batch"] / step,
-               "run_medians_s": per_run,
-               "others_busy_cores": [r["others_busy_cores"] for r in runs[(label, workers)]],
+               "workers": workers, "dtype": "float64", "crashed": not done,
+               "crashes": [c for r in runs[(label, workers)] for c in r["crashes"]],
                "attempts": [r["attempts"] for r in runs[(label, workers)]],
-               "test_accuracy": model.accuracy(X_test, y_test),
-               "final_train_loss": float(model.loss(X_train, y_train)),
-               "params_gap_vs_single": relative_gap(finals[(label, workers)], reference)}
-        if kind == "minidist":
-            last = runs[(label, workers)]
-            row["median_compute_s"] = float(np.median([np.median(r["compute_time"][warmup:])
-                                                       for r in last]))
-            row["median_comm_s"] = float(np.median([np.median(r["comm_time"][warmup:])
-                                                    for r in last]))
+               "median_step_s": None, "samples_per_s": None}
+        if done:
+            per_run = [float(np.median(r["step_time"][warmup:])) for r in done]
+            step = float(np.median(per_run))
+            model = nn.mlp(config["sizes"], seed=SEED)
+            model.params = finals[(label, workers)]
+            row.update(median_step_s=step, samples_per_s=config["batch"] / step,
+                       run_medians_s=per_run,
+                       others_busy_cores=[r["others_busy_cores"] for r in done],
+                       test_accuracy=model.accuracy(X_test, y_test),
+                       final_train_loss=float(model.loss(X_train, y_train)),
+                       params_gap_vs_single=None if reference is None else
+                       relative_gap(finals[(label, workers)], reference))
+            if kind == "minidist":
+                row["median_compute_s"] = float(np.median([np.median(r["compute_time"][warmup:])
+                                                           for r in done]))
+                row["median_comm_s"] = float(np.median([np.median(r["comm_time"][warmup:])
+                                                        for r in done]))
         rows.append(row)
-    by = {(r["peer"], r["workers"]): r for r in rows}
-    md1, md2 = by[("minidist data_parallel", 1)], by[("minidist data_parallel", 2)]
-    pt1, pt2 = by[("PyTorch DDP (gloo)", 1)], by[("PyTorch DDP (gloo)", 2)]
+    by = {(r["peer"], r["workers"]): r["samples_per_s"] for r in rows}
+    md1, md2 = by.get(("minidist data_parallel", 1)), by.get(("minidist data_parallel", 2))
+    pt1, pt2 = by.get(("PyTorch DDP (gloo)", 1)), by.get(("PyTorch DDP (gloo)", 2))
+    single = by.get(("minidist single", 1))
+    gaps = [r.get("params_gap_vs_single") for r in rows if r["peer"] == "minidist data_parallel"]
     summary = {
-        "minidist_over_ddp_1w": md1["samples_per_s"] / pt1["samples_per_s"],
-        "minidist_over_ddp_2w": md2["samples_per_s"] / pt2["samples_per_s"],
-        "efficiency_2w_minidist": md2["samples_per_s"] / (2 * md1["samples_per_s"]),
-        "efficiency_2w_minidist_vs_single": md2["samples_per_s"] / (
-            2 * by[("minidist single", 1)]["samples_per_s"]),
-        "efficiency_2w_ddp": pt2["samples_per_s"] / (2 * pt1["samples_per_s"]),
-        "data_parallel_matches_single": all(by[("minidist data_parallel", w)]
-                                            ["params_gap_vs_single"] < 1e-10 for w in (1, 2)),
+        "minidist_over_ddp_1w": _ratio(md1, pt1),
+        "minidist_over_ddp_2w": _ratio(md2, pt2),
+        "efficiency_2w_minidist": _ratio(md2, None if md1 is None else 2 * md1),
+        "efficiency_2w_minidist_vs_single": _ratio(md2, None if single is None else 2 * single),
+        "efficiency_2w_ddp": _ratio(pt2, None if pt1 is None else 2 * pt1),
+        "data_parallel_matches_single": None if not gaps or None in gaps
+        else all(g < 1e-10 for g in gaps),
+        "crashed_peers": [f"{r['peer']} {r['workers']}w" for r in rows if r["crashed"]],
     }
-    n_params = model.num_params
+    n_params = nn.mlp(config["sizes"], seed=SEED).num_params
     return {"name": name, "title": config["title"], "sizes": config["sizes"],
             "batch": config["batch"], "lr": config["lr"], "momentum": MOMENTUM, "steps": steps,
             "warmup_steps_dropped": warmup, "repeats": repeats, "train_rows": len(X_train),
@@ -278,6 +384,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, help="runs per peer (default 3, quick 1)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--peers", nargs="+", choices=["single", "minidist", "ddp"],
+                        default=["single", "minidist", "ddp"],
+                        help="which peers to run (ddp needs torch)")
+    parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
+                        help="where data_parallel.json and .png go (default benchmarks/results)")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS",
                         help="before each run, wait up to this long for the other processes "
                              "on the machine to keep fewer than --busy cores busy; 0: no wait")
@@ -285,12 +396,19 @@ def main(argv=None):
                         help="a run during which other processes kept this many cores busy "
                              "(on average) is repeated")
     parser.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run")
+    parser.add_argument("--inject-abort", action="append", metavar="KIND:WORKERS[:TIMES]",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
+    inject = Injector(args.inject_abort)
+    peers = [peer for peer in PEERS if peer[1] in args.peers]
     try:
         import torch
     except ImportError:
-        sys.exit("this benchmark needs torch (pip install 'minidist[bench]'; CPU: torch==2.13.0)")
+        torch = None
+        if "ddp" in args.peers:
+            sys.exit("the DDP peer needs torch (pip install 'minidist[bench]'; CPU: "
+                     "torch==2.13.0), or leave it out: --peers single minidist")
 
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -299,24 +417,31 @@ def main(argv=None):
         config = CONFIGS[name]
         steps = config["quick_steps" if args.quick else "steps"]
         results.append(measure(name, config, make_data(config), steps, args.warmup, repeats,
-                               (args.quiet_wait, args.busy, args.retries)))
+                               (args.quiet_wait, args.busy, args.retries), peers, inject))
     report = {
         "command": "python benchmarks/data_parallel.py " + " ".join(
             argv if argv is not None else sys.argv[1:]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "numpy": np.__version__},
+                    "python": platform.python_version(),
+                    "torch": torch.__version__ if torch else None, "numpy": np.__version__},
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "seconds": time.perf_counter() - started,
         "dtype": "float64 for every peer (torch.set_default_dtype(torch.float64))",
+        "crash_policy": f"a crashed run is retried once ({CRASH_TRIES} tries); a peer with no "
+                        "completed run is reported crashed, with null figures",
         "configs": results,
     }
     print_table(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_parallel.json").write_text(json.dumps(report, indent=1))
-    plot(report)
-    print(f"\nwrote {RESULTS / 'data_parallel.json'} and {RESULTS / 'data_parallel.png'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "data_parallel.json").write_text(json.dumps(report, indent=1))
+    plot(report, args.out / "data_parallel.png")
+    print(f"\nwrote {args.out / 'data_parallel.json'} and {args.out / 'data_parallel.png'}")
+
+
+def _fmt(value, spec, missing="—", times=False):
+    """value formatted with spec; `missing` when it is None (a crashed or absent peer)."""
+    return missing if value is None else format(value, spec) + ("×" if times else "")
 
 
 def print_table(report):
@@ -327,57 +452,77 @@ def print_table(report):
         print(f"\n{cfg['title']}: batch {cfg['batch']}, {cfg['steps']} steps "
               f"(first {cfg['warmup_steps_dropped']} dropped), {cfg['repeats']} repeats, "
               f"{cfg['params']} parameters ({cfg['gradient_bytes'] / 2**20:.2f} MiB of gradient)")
-        busy = [b for r in cfg["rows"] for b in r["others_busy_cores"]]
-        print(f"cores other processes kept busy during the kept runs: median "
-              f"{np.median(busy):.2f}, max {max(busy):.2f}; runs repeated for it: "
-              f"{sum(a - 1 for r in cfg['rows'] for a in r['attempts'])}")
+        busy = [b for r in cfg["rows"] for b in r.get("others_busy_cores", [])]
+        if busy:
+            print(f"cores other processes kept busy during the kept runs: median "
+                  f"{np.median(busy):.2f}, max {max(busy):.2f}; runs repeated for it or for a "
+                  f"crash: {sum(a - 1 for r in cfg['rows'] for a in r['attempts'])}")
         print(f"{'peer':<24}{'workers':>8}{'step ms':>9}{'compute':>9}{'comm':>7}"
               f"{'samples/s':>11}{'test acc':>9}{'train loss':>11}{'gap vs single':>15}")
         for r in cfg["rows"]:
-            compute = f"{r['median_compute_s'] * 1e3:.2f}" if "median_compute_s" in r else "—"
-            comm = f"{r['median_comm_s'] * 1e3:.2f}" if "median_comm_s" in r else "—"
+            if r["crashed"]:
+                print(f"{r['peer']:<24}{r['workers']:>8}  CRASHED in all {len(r['crashes'])} "
+                      f"tries: {r['crashes'][-1]}")
+                continue
+            compute = _fmt(r.get("median_compute_s") and r["median_compute_s"] * 1e3, ".2f")
+            comm = _fmt(r.get("median_comm_s") and r["median_comm_s"] * 1e3, ".2f")
             print(f"{r['peer']:<24}{r['workers']:>8}{r['median_step_s'] * 1e3:>9.2f}"
                   f"{compute:>9}{comm:>7}{r['samples_per_s']:>11.0f}{r['test_accuracy']:>9.4f}"
-                  f"{r['final_train_loss']:>11.5f}{r['params_gap_vs_single']:>15.1e}")
+                  f"{r['final_train_loss']:>11.5f}"
+                  f"{_fmt(r['params_gap_vs_single'], '.1e'):>15}")
+            if r["crashes"]:
+                print(f"{'':<24}{'':>8}  (crashed {len(r['crashes'])}× and was retried: "
+                      f"{r['crashes'][0]})")
         s = cfg["summary"]
-        print(f"minidist / DDP samples/s: {s['minidist_over_ddp_1w']:.2f}× at 1 worker, "
-              f"{s['minidist_over_ddp_2w']:.2f}× at 2 workers")
-        print(f"parallel efficiency at 2 workers: minidist {s['efficiency_2w_minidist']:.0%} "
-              f"(vs single {s['efficiency_2w_minidist_vs_single']:.0%}), "
-              f"DDP {s['efficiency_2w_ddp']:.0%}")
-        print("data_parallel reproduces single to 1e-10: "
-              f"{'yes' if s['data_parallel_matches_single'] else 'NO'}")
+        print("minidist / DDP samples/s: "
+              f"{_fmt(s['minidist_over_ddp_1w'], '.2f', times=True)} at 1 worker, "
+              f"{_fmt(s['minidist_over_ddp_2w'], '.2f', times=True)} at 2 workers")
+        print("parallel efficiency at 2 workers: minidist "
+              f"{_fmt(s['efficiency_2w_minidist'], '.0%')} "
+              f"(vs single {_fmt(s['efficiency_2w_minidist_vs_single'], '.0%')}), "
+              f"DDP {_fmt(s['efficiency_2w_ddp'], '.0%')}")
+        match = s["data_parallel_matches_single"]
+        verdict = {True: "yes", False: "NO", None: "— (a data_parallel peer crashed or left out)"}
+        print(f"data_parallel reproduces single to 1e-10: {verdict[match]}")
+        if s["crashed_peers"]:
+            print(f"CRASHED (no completed run): {', '.join(s['crashed_peers'])}")
 
 
-def plot(report):
+def plot(report, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     configs = report["configs"]
-    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4.2), squeeze=False)
     colours = {"minidist": "tab:blue", "PyTorch": "tab:orange"}
     for ax, cfg in zip(axes[0], configs, strict=True):
         rows = cfg["rows"]
         labels = [f"{r['peer'].replace(' (gloo)', '').replace(' data_parallel', ' DP')}\n"
-                  f"{r['workers']}w" for r in rows]
-        values = [r["samples_per_s"] for r in rows]
+                  f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}" for r in rows]
+        values = [r["samples_per_s"] or 0.0 for r in rows]
         bars = ax.bar(range(len(rows)), values, color=[
             "tab:gray" if r["peer"].endswith("single") else colours[r["library"]] for r in rows])
-        for bar, value in zip(bars, values, strict=True):
-            ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value),
-                        ha="center", va="bottom", fontsize=8)
+        top = max(values) or 1.0
+        for bar, value, r in zip(bars, values, rows, strict=True):
+            text = "crashed" if r["crashed"] else f"{value:.0f}"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, value), ha="center",
+                        va="bottom", fontsize=8, color="tab:red" if r["crashed"] else "black",
+                        fontweight="bold" if r["crashed"] else "normal")
         s = cfg["summary"]
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylim(0, top * 1.15)
         ax.set(ylabel="samples / s (median)",
                title=f"{cfg['title']}, batch {cfg['batch']}\nminidist/DDP "
-                     f"{s['minidist_over_ddp_1w']:.2f}× (1w), {s['minidist_over_ddp_2w']:.2f}× "
-                     f"(2w); eff. {s['efficiency_2w_minidist']:.0%} vs "
-                     f"{s['efficiency_2w_ddp']:.0%}")
+                     f"{_fmt(s['minidist_over_ddp_1w'], '.2f', times=True)} (1 worker), "
+                     f"{_fmt(s['minidist_over_ddp_2w'], '.2f', times=True)} (2 workers)\n"
+                     f"efficiency at 2 workers: minidist "
+                     f"{_fmt(s['efficiency_2w_minidist'], '.0%')}, "
+                     f"DDP {_fmt(s['efficiency_2w_ddp'], '.0%')}")
         ax.title.set_fontsize(9)
     fig.tight_layout()
-    fig.savefig(RESULTS / "data_parallel.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
