@@ -101,6 +101,63 @@ def step_batches(n, batch_size, steps, seed=0):
         epoch += 1
 
 
+def is_integer(value):
+    """An int or a numpy integer; a bool is not one here."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_integer(name, value, minimum=1):
+    """A TypeError unless `value` is an integer (is_integer), a ValueError if it is below
+    `minimum`; both name the argument and say what it may be."""
+    if not is_integer(value):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} "
+                        f"({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_training_data(X, y):
+    """(X, y) as arrays, or a clear error before any step runs: numbers only, one label per
+    row, every value finite. A bad value is named by its row (and column): step_batches may
+    reach that row only steps later, where it would look like a diverged run."""
+    X, y = _as_array("X", X), _as_array("y", y)
+    if X.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"X and y need one row per sample, got shapes {X.shape} and {y.shape}")
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    for name, values in (("X", X), ("y", y)):
+        bad = np.argwhere(~np.isfinite(values))
+        if len(bad):
+            where = tuple(int(i) for i in bad[0])
+            place = f"row {where[0]}" + (f", column {where[1]}" if len(where) == 2 else "")
+            raise ValueError(f"{name} must be finite: {name}[{', '.join(map(str, where))}] "
+                             f"({place}) is {values[where]}")
+    return X, y
+
+
+def check_labels(y, classes):
+    """y must be integer class labels in [0, classes); the first one that is not is named."""
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise TypeError(f"y must be a 1-D array of integer class labels in [0, {classes}) for "
+                        f"this classifier, got {y.dtype} of shape {y.shape}")
+    bad = np.flatnonzero((y < 0) | (y >= classes))
+    if len(bad):
+        raise ValueError(f"y[{bad[0]}] = {y[bad[0]]} (row {bad[0]}) is not a class label: the "
+                         f"model has {classes} classes, so y must lie in [0, {classes})")
+
+
+def _as_array(name, values):
+    try:
+        array = np.asarray(values)
+    except ValueError as error:  # ragged nested lists
+        raise ValueError(f"{name} must be an array (or nested lists of equal lengths): "
+                         f"{error}") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numbers (bool, integer or float), got dtype "
+                        f"{array.dtype}")
+    return array
+
+
 def _check_positive(**values):
     for name, value in values.items():
         if value < 1:

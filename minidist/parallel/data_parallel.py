@@ -11,7 +11,7 @@ QSGD, local SGD: the `compression`, `compress_ratio`, `qsgd_levels`, `error_feed
 
 import numpy as np
 
-from minidist.data import shard_bounds
+from minidist.data import check_integer, shard_bounds
 from minidist.parallel import compression
 from minidist.parallel.job import Clock, report
 
@@ -19,13 +19,12 @@ OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto", **comp
 
 
 def check_options(options):
-    """bucket_bytes >= 1, accumulate >= 1, algorithm one of the all-reduce algorithms."""
+    """bucket_bytes >= 1, accumulate >= 1 (integers), algorithm one of the all-reduce
+    algorithms."""
     from minidist.comm import ALGORITHMS
 
-    if options.get("bucket_bytes", 1) < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {options['bucket_bytes']}")
-    if not isinstance(options.get("accumulate", 1), int) or options.get("accumulate", 1) < 1:
-        raise ValueError(f"accumulate must be an integer >= 1, got {options['accumulate']!r}")
+    check_integer("bucket_bytes", options.get("bucket_bytes", 1))
+    check_integer("accumulate", options.get("accumulate", 1))
     if options.get("algorithm", "auto") not in ALGORITHMS:
         raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
                          f"allowed: {', '.join(ALGORITHMS)}")

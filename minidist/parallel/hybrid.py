@@ -14,7 +14,7 @@ strategy="tensor_parallel" is Topology(1, t, 1), "pipeline" Topology(1, 1, p): o
 
 from dataclasses import dataclass
 
-from minidist.data import shard_bounds
+from minidist.data import check_integer, shard_bounds
 from minidist.parallel import pipeline, tensor_parallel
 from minidist.parallel.job import Clock, report
 from minidist.parallel.shard import ModelShard, gather_params
@@ -32,9 +32,7 @@ class Topology:
 
     def __post_init__(self):
         for name in ("dp", "tp", "pp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Topology: {name} must be an integer >= 1, got {value!r}")
+            check_integer(f"Topology: {name}", getattr(self, name))
 
     @property
     def world_size(self):

@@ -17,7 +17,7 @@ bubble / total = (p−1)/(m+p−1) (Huang et al. 2019). Micro-batch j's gradient
 
 import numpy as np
 
-from minidist.data import shard_bounds
+from minidist.data import check_integer, is_integer, shard_bounds
 from minidist.parallel.shard import activation_bytes
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -111,9 +111,11 @@ def stage_bounds(model, stages, cuts=None):
 
 
 def check_options(options):
-    m = options.get("micro_batches", 1)
-    if not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"micro_batches must be an integer >= 1, got {m!r}")
+    check_integer("micro_batches", options.get("micro_batches", 1))
+    cuts = options.get("cuts")
+    if cuts is not None and not (isinstance(cuts, (list, tuple, np.ndarray))
+                                 and all(map(is_integer, cuts))):
+        raise TypeError(f"cuts must be None or a list of layer indices (integers), got {cuts!r}")
     if options.get("schedule", "1f1b") not in SCHEDULES:
         raise ValueError(f"unknown schedule {options['schedule']!r}; allowed: "
                          f"{', '.join(SCHEDULES)}")

@@ -105,20 +105,24 @@ def activation_bytes(state):
 
 def gather_params(comm, shard, tag=2**29):
     """Rank 0 gets the full flat parameters (full[index] = local, over every rank), checking
-    that replicas agree; other ranks get None. Call it after report(): not training traffic."""
+    that replicas agree; other ranks get None. Call it after report(): not training traffic.
+    Who holds what is kept in its own mask, so a NaN parameter (a diverged run) is gathered
+    like any other value for train() to report."""
     if comm.rank != 0:
         comm.send(shard.index, 0, tag)
         comm.send(shard.params, 0, tag)
         return None
-    full = np.full(shard.full_size, np.nan, shard.params.dtype)
+    full = np.zeros(shard.full_size, shard.params.dtype)
+    held = np.zeros(shard.full_size, bool)
     for r in range(comm.world_size):
         index, values = ((shard.index, shard.params) if r == 0
                          else (comm.recv(r, tag), comm.recv(r, tag)))
-        held = ~np.isnan(full[index])
-        if not np.allclose(full[index][held], values[held], rtol=1e-9, atol=1e-12):
+        again = held[index]
+        if not np.allclose(full[index][again], values[again], rtol=1e-9, atol=1e-12,
+                           equal_nan=True):
             raise RuntimeError(f"rank {r}'s copy of replicated parameters disagrees with "
                                "another rank's: the replicas drifted apart")
-        full[index] = values
-    if np.isnan(full).any():
-        raise RuntimeError(f"{int(np.isnan(full).sum())} parameters are held by no rank")
+        full[index], held[index] = values, True
+    if not held.all():
+        raise RuntimeError(f"{int((~held).sum())} parameters are held by no rank")
     return full

@@ -7,10 +7,14 @@ as it arrives, on parameters that may be a few updates old.
 """
 
 import functools
+import os
+from collections.abc import Mapping
 
 import numpy as np
 
 from minidist import ps
+from minidist.data import check_integer
+from minidist.ps import checkpoint
 from minidist.ps import consistency as rules
 from minidist.trace import Trace
 
@@ -21,6 +25,36 @@ OPTIONS = {"consistency": "bsp", "staleness": None, "num_servers": 1, "slow_work
 def check_options(options):
     merged = {**OPTIONS, **options}
     rules.check(merged["consistency"], merged["staleness"])
+    check_integer("num_servers", merged["num_servers"])
+    check_integer("checkpoint_every", merged["checkpoint_every"], minimum=0)
+    directory, slow = merged["checkpoint_dir"], merged["slow_workers"]
+    if directory is not None and not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a directory path (str or os.PathLike) or None, "
+                        f"got {directory!r}")
+    if slow is not None and not isinstance(slow, Mapping):
+        raise TypeError(f"slow_workers must be a dict {{rank: slowdown factor}} or None, "
+                        f"got {slow!r}")
+
+
+def resume_step(job, workers, options):
+    """The first step a resumed run computes: every worker's clock in the checkpoint it will
+    restart from (0 without resume, or without one: ps.run says so). A checkpoint past `steps`,
+    or written by another number of workers, is a ValueError naming both numbers."""
+    directory = options["checkpoint_dir"]
+    if not (options["resume"] and directory):
+        return 0
+    version = checkpoint.latest(directory, options["num_servers"], warn=False)  # ps.run warns
+    if version is None:
+        return 0
+    done = checkpoint.clocks(directory, options["num_servers"], version)
+    if len(done) != workers:
+        raise ValueError(f"resume=True: the checkpoint in {directory!r} was written by "
+                         f"{len(done)} workers, this run has workers={workers}")
+    if done.max() > job.steps:
+        raise ValueError(f"resume=True: the checkpoint in {directory!r} is at step "
+                         f"{done.max()}, past steps={job.steps}; ask for steps >= {done.max()} "
+                         "to go on from it, or start afresh in another checkpoint_dir")
+    return int(done.min())
 
 
 def worker(client, job):
@@ -48,6 +82,7 @@ def train_parameter_server(job, workers, backend, timeout):
         raise ValueError(f"strategy='parameter_server' runs servers and workers as processes; "
                          f"backend must be 'process', got {backend!r}")
     options = {**OPTIONS, **job.options}
+    start = resume_step(job, workers, options)
     params = job.model_fn().params.copy()
     result = ps.run(worker, workers, params, optimizer=job.optimizer, lr=job.lr,
                     optimizer_options=job.optimizer_options, timeout=timeout, args=(job,),
@@ -61,8 +96,8 @@ def train_parameter_server(job, workers, backend, timeout):
             np.add.at(weight, steps, rows[:, 2])
     if result.events:  # elastic: a step's loss is the mean over the workers that ran it
         loss = np.divide(loss, weight, out=np.full_like(loss, np.nan), where=weight > 0)
-    loss[:result.start_clock] = np.nan
-    _check_finite(loss[result.start_clock:], job.lr)
+    loss[:start] = np.nan  # computed by the run that wrote the checkpoint
+    _check_finite(loss[start:], job.lr, first_step=start)
     first = next(w for w, log in enumerate(result.log) if log is not None)
     step_time, compute_time, comm_time = (np.full(job.steps, np.nan) for _ in range(3))
     log = result.log[first]
@@ -78,7 +113,7 @@ def train_parameter_server(job, workers, backend, timeout):
         "bytes_pushed": [s and s["push"]["bytes_sent"] for s in stats],
         "bytes_pulled": [s and s["pull"]["bytes_received"] for s in stats],
         "applied": result.applied, "updates": result.updates, "pulls": result.pulls,
-        "log": result.log, "worker_loss": worker_loss, "start_step": result.start_clock}
+        "log": result.log, "worker_loss": worker_loss, "start_step": start}
     return History(strategy="parameter_server", workers=workers, model_fn=job.model_fn,
                    params=result.params, loss=loss, step_time=step_time,
                    compute_time=compute_time, comm_time=comm_time,
