@@ -215,6 +215,8 @@ BAD_ARGUMENTS = [  # (strategy, the argument(s), error, match)
     ("data_parallel", {"compress_ratio": "0.1", "compression": "topk"}, TypeError,
      r"compress_ratio must be a number \(its default is 0.01\)"),
     ("data_parallel", {"local_steps": True}, TypeError, "local_steps must be an integer"),
+    ("data_parallel", {"compression": "topk", "error_feedback": "yes"}, ValueError,
+     "error_feedback must be True, False or None"),
     ("pipeline", {"micro_batches": True}, TypeError, "micro_batches must be an integer"),
     ("pipeline", {"cuts": [1.7]}, TypeError, r"cuts must be None or a list of layer indices"),
     ("pipeline", {"schedule": 1}, TypeError, r"schedule must be a string \(its default is "),
@@ -258,6 +260,9 @@ def test_numpy_integers_are_integers():
     reference = train(MODEL, X, Y, steps=2, batch_size=32, lr=np.float32(0.1))
     np.testing.assert_allclose(hist.params, reference.params, rtol=1e-10)
     assert train(MODEL, X, Y, steps=2, lr=optim.linear_warmup(0.1, 2)).loss.shape == (2,)
+    ssp = train(MODEL, X, Y, strategy="parameter_server", workers=2, backend="process", steps=2,
+                consistency="ssp", staleness=np.int64(1), batch_size=32, timeout=60)
+    assert ssp.loss.shape == (2,)
 
 
 # --- item 3: resume, on the parameter server (the strategy that checkpoints) ---------------

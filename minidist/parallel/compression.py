@@ -43,6 +43,9 @@ def check_options(options):
     levels = options.get("qsgd_levels", OPTIONS["qsgd_levels"])
     if not isinstance(levels, (int, np.integer)) or not 1 <= levels <= 127:
         raise ValueError(f"qsgd_levels must be an integer in 1..127, got {levels!r}")
+    if options.get("error_feedback") not in (None, True, False):
+        raise ValueError(f"error_feedback must be True, False or None (the compressor's "
+                         f"default), got {options['error_feedback']!r}")
     local_steps = options.get("local_steps", 1)
     if not isinstance(local_steps, (int, np.integer)) or local_steps < 1:
         raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")

@@ -14,6 +14,8 @@ synchronous SGD step. The staleness of an applied gradient is τ = v_apply − v
 updates landed between the pull it was computed from and its own application (BSP: τ = 0).
 """
 
+from minidist.data import is_integer
+
 CONSISTENCIES = ("bsp", "asp", "ssp")
 
 
@@ -23,7 +25,7 @@ def check(consistency, staleness):
         raise ValueError(f"unknown consistency {consistency!r}; allowed: "
                          f"{', '.join(CONSISTENCIES)}")
     if consistency == "ssp":
-        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+        if not is_integer(staleness) or staleness < 0:
             raise ValueError("consistency='ssp' needs staleness=s, an integer >= 0 "
                              f"(clocks a worker may run ahead of the slowest), got {staleness!r}")
     elif staleness is not None:

@@ -30,6 +30,7 @@ import cloudpickle
 import numpy as np
 
 from minidist.comm.process_launcher import _died, _stop
+from minidist.data import is_integer
 from minidist.errors import CommTimeout, ServerError, failure_report, remote_failure
 from minidist.ps import checkpoint, shards
 from minidist.ps import consistency as rules
@@ -280,7 +281,7 @@ def _check(worker_fn, workers, params, consistency, staleness, num_servers, slow
         raise ValueError("params must be a 1-D float array (the model's flat buffer), got "
                          f"{params.dtype} {params.shape}")
     rules.check(consistency, staleness)
-    if not isinstance(num_servers, (int, np.integer)) or not 1 <= num_servers <= len(params):
+    if not is_integer(num_servers) or not 1 <= num_servers <= len(params):
         raise ValueError(f"num_servers must be an integer in [1, {len(params)}] (one shard "
                          f"per server, at least one parameter each), got {num_servers!r}")
     slow = dict(slow_workers or {})
@@ -293,6 +294,7 @@ def _check(worker_fn, workers, params, consistency, staleness, num_servers, slow
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if (checkpoint_every or resume) and not checkpoint_dir:
         raise ValueError("checkpoint_every and resume need checkpoint_dir (a directory)")
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0 steps, got {checkpoint_every}")
+    if not is_integer(checkpoint_every) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an integer >= 0 steps, got "
+                         f"{checkpoint_every!r}")
     return params, slow
