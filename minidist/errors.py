@@ -1,6 +1,13 @@
 """The errors a distributed run can end in. Each names the ranks involved and what they did."""
 
+import time
 import traceback
+
+
+def clock(t):
+    """Wall-clock time t (from time.time()) as HH:MM:SS.d, as statuses and timeouts print it."""
+    tenths = int(t * 10 + 1e-6)  # + 1e-6: t may be tenths / 10, a hair below
+    return time.strftime("%H:%M:%S", time.localtime(tenths // 10)) + f".{tenths % 10}"
 
 
 class WorkerError(RuntimeError):
@@ -28,12 +35,26 @@ class CommTimeout(TimeoutError):
         self.pending = dict(pending or {})
         if self.pending:
             where = "; ".join(f"rank {r}: {what}" for r, what in sorted(self.pending.items()))
-            message = f"{message} (unfinished — {where})"
+            message = f"{message} (unfinished at {clock(time.time())} — {where})"
         super().__init__(message)
 
 
 class CollectiveMismatchError(RuntimeError):
-    """Ranks called different collectives, or the same one with different shapes or dtypes."""
+    """Ranks called different collectives, or the same one with different arguments, shapes or
+    dtypes. `calls` maps each rank the raising rank heard from to the call it made."""
+
+    def __init__(self, message, calls=None):
+        self.calls = dict(calls or {})
+        super().__init__(message)
+
+    @classmethod
+    def between(cls, rank, calls):
+        """What rank `rank` raises on seeing `calls` (rank -> the call it made) disagree."""
+        mine = calls[rank]
+        others = "; ".join(f"rank {r} called {call}" for r, call in sorted(calls.items())
+                           if call != mine)
+        return cls(f"rank {rank} expected every rank to call {mine}, but {others} (every rank "
+                   "must make the same call, with the same dtype and shape)", calls)
 
 
 def failure_report(exc):
@@ -45,8 +66,9 @@ def failure_report(exc):
 def remote_failure(rank, exc_type, text, remote_traceback):
     """The error the caller sees for an exception raised on a rank: a mismatch stays a
     CollectiveMismatchError, anything else becomes a WorkerError carrying the traceback."""
-    if exc_type == "CollectiveMismatchError":
-        return CollectiveMismatchError(f"rank {rank}: {text}")
+    if exc_type == "CollectiveMismatchError":  # its text names the rank, or gets it in front
+        return CollectiveMismatchError(text if text.startswith(f"rank {rank} ")
+                                       else f"rank {rank}: {text}")
     return WorkerError(rank, f"{exc_type}: {text}", exc_type, remote_traceback)
 
 

@@ -18,8 +18,9 @@ def run(fn, world_size, args=(), kwargs=None, backend="process", timeout=60.0, d
 
     backend: "thread" (in-process), "process" (one OS process per rank, shared-memory
     transport) or "mpi" (mpi4py; under `mpiexec -n N` or started by this call).
-    debug (or MINIDIST_DEBUG=1): check that all ranks call the same collectives with the same
-    shapes, and raise CollectiveMismatchError naming the ranks that differ.
+    Ranks that pass different dtypes, shapes or arguments to a collective always raise
+    CollectiveMismatchError naming both; debug (or MINIDIST_DEBUG=1) adds a fingerprint round
+    before each collective, which also names a native path on one rank against messages on another.
     start_method: "fork", "spawn" or "forkserver" for the process backend (default: the
     platform's). threads_per_rank: BLAS/OpenMP threads each rank process may use.
     """

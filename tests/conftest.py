@@ -1,5 +1,9 @@
 import functools
+import glob
+import multiprocessing as mp
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +93,55 @@ def pytest_sessionfinish(session, exitstatus):
         FAULTS_JSON.parent.mkdir(exist_ok=True)
         rows = sorted(_FAULTS.rows, key=lambda r: (r["fault"], r["backend"]))
         FAULTS_JSON.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def our_segments():
+    """This process's shared-memory segments (the process launcher names them md<pid>_...)."""
+    return set(glob.glob(f"/dev/shm/md{os.getpid()}_*"))
+
+
+@pytest.fixture
+def leaves_nothing_behind():
+    """Fails the test if it leaves a shared-memory segment or a child process."""
+    before = our_segments()
+    yield
+    assert our_segments() - before == set()
+    assert mp.active_children() == []
+
+
+def _mpi_processes():
+    """MPI ranks of minidist (and their watchers) alive on this machine."""
+    found = set()
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            text = Path(cmdline).read_bytes()
+        except OSError:
+            continue
+        if b"minidist.comm.mpi" in text or b"mpi_watch.py" in text:
+            found.add(cmdline)
+    return found
+
+
+def _orphan_shm():
+    """MPICH shared-memory files that no live process maps."""
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            mapped |= {line.split()[-1] for line in open(maps) if "/dev/shm/" in line}
+        except OSError:
+            pass
+    return set(glob.glob("/dev/shm/mpich_shm_*")) - mapped
+
+
+@pytest.fixture
+def leaves_no_mpi_job_behind():
+    """Fails the test if it leaves an MPI rank, a temp dir or MPICH shared memory behind."""
+    procs, dirs = _mpi_processes(), set(glob.glob(f"{tempfile.gettempdir()}/minidist-mpi-*"))
+    shm = _orphan_shm()
+    yield
+    deadline = time.monotonic() + 5
+    while _mpi_processes() - procs and time.monotonic() < deadline:
+        time.sleep(0.05)  # killed ranks are reaped by init, a moment later
+    assert _mpi_processes() - procs == set()
+    assert set(glob.glob(f"{tempfile.gettempdir()}/minidist-mpi-*")) - dirs == set()
+    assert _orphan_shm() - shm == set()

@@ -18,22 +18,43 @@ SOURCE = ROOT / "tests" / "artifacts" / "faults.json"
 PAGE = ROOT / "docs" / "faults.md"
 
 
+ORDER = ("thread", "process", "mpi", "any")  # "any": refused before a rank starts
+
+
 def render(rows):
-    backends = sorted({r["backend"] for r in rows})
-    lines = ["# Fault matrix", "",
-             "What a run does when something goes wrong: every row is a test in `tests/` that",
-             "injects the fault, asserts the outcome (the error type and what its message names),",
-             "and checks that no child process and no `/dev/shm` entry is left behind. Regenerate",
-             "with `make faults`; times are from the machine that last ran it "
-             f"({platform.machine()}, {date.today().isoformat()}).", "",
-             f"Backends covered: {', '.join(backends)}.", "",
-             "| fault | backend | outcome | time to fail (s) | test |",
-             "|---|---|---|---|---|"]
+    """One table per test function: a row per (fault, outcome), a column per backend holding
+    the seconds until the run failed (the slowest of its recorded runs), "—" where not run."""
+    backends = sorted({r["backend"] for r in rows}, key=lambda b: (b not in ORDER, ORDER.index(b)
+                                                                  if b in ORDER else 0, b))
+    sections = {}
     for r in rows:
-        test = r["test"].replace("|", "\\|")
-        lines.append(f"| {r['fault']} | {r['backend']} | {r['outcome']} | {r['seconds']:.2f} "
-                     f"| `{test}` |")
-    return "\n".join(lines) + "\n"
+        test = r["test"].split("[")[0]
+        cells = sections.setdefault(test, {}).setdefault((r["fault"], r["outcome"]), {})
+        cells[r["backend"]] = max(cells.get(r["backend"], 0.0), r["seconds"])
+    lines = ["# Fault matrix", "",
+             "What a run does when something goes wrong. Every row is a test in `tests/` that",
+             "injects the fault, asserts the outcome (the error type and what its message names)",
+             "and checks that no child process and no `/dev/shm` entry is left behind. A cell",
+             "holds the seconds from the start of the run until it failed; `any` means the call",
+             "was refused before any rank started. Regenerate with `make faults`; the times are",
+             f"from the machine that last ran it ({platform.machine()}, "
+             f"{date.today().isoformat()}, 2 shared cores), so read them as orders of magnitude.",
+             "", f"{len(rows)} runs of {sum(len(v) for v in sections.values())} faults "
+             f"in {len(sections)} tests.", ""]
+    for test, faults in sections.items():
+        path, _, name = test.partition("::")
+        lines += [f"## {name.removeprefix('test_').replace('_', ' ')}", "", f"`{test}`", "",
+                  "| fault | outcome | " + " | ".join(backends) + " |",
+                  "|---|---|" + "---|" * len(backends)]
+        for (fault, outcome), cells in faults.items():
+            times = [f"{cells[b]:.2f}" if b in cells else "—" for b in backends]
+            lines.append(f"| {_cell(fault)} | {_cell(outcome)} | " + " | ".join(times) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text):
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def main():

@@ -5,14 +5,12 @@ under `mpiexec -n 4`), and failures that end in the right error leaving nothing 
 Few mpiexec jobs, each checking many cases inside the ranks and returning what came out wrong.
 """
 
-import glob
 import importlib.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -126,46 +124,10 @@ def exercise(comm, sizes, dtypes, big):
 
 
 # ---- what a test may leave behind ---------------------------------------------------------------
-def _mpi_processes():
-    found = set()
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            if b"minidist.comm.mpi" in Path(cmdline).read_bytes():
-                found.add(cmdline)
-        except OSError:
-            pass
-    return found
-
-
-def _orphan_shm():
-    """MPICH shared-memory files that no live process maps."""
-    mapped = set()
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            mapped |= {line.split()[-1] for line in open(maps) if "/dev/shm/" in line}
-        except OSError:
-            pass
-    return set(glob.glob("/dev/shm/mpich_shm_*")) - mapped
-
-
-@pytest.fixture
-def leaves_nothing_behind():
-    """Fails the test if it leaves a process, a temp dir or MPICH shared memory behind."""
-    procs, dirs = _mpi_processes(), set(glob.glob(f"{tempfile.gettempdir()}/minidist-mpi-*"))
-    shm = _orphan_shm()
-    yield
-    deadline = time.monotonic() + 5
-    while _mpi_processes() - procs and time.monotonic() < deadline:
-        time.sleep(0.05)  # killed ranks are reaped by init, a moment later
-    assert _mpi_processes() - procs == set()
-    assert set(glob.glob(f"{tempfile.gettempdir()}/minidist-mpi-*")) - dirs == set()
-    assert _orphan_shm() - shm == set()
-
-
 # ---- run() from a plain process: mpiexec started for us ------------------------------------------
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8])
-def test_every_collective_matches_numpy(world_size, leaves_nothing_behind):
+def test_every_collective_matches_numpy(world_size, leaves_no_mpi_job_behind):
     full = world_size <= 3  # 5 and 8 ranks on 2 cores: fewer sizes and dtypes
     failures = run(exercise, world_size, backend="mpi", timeout=100,
                    args=(SIZES if full else [0, 7], DTYPES if full else [np.int64], full))
@@ -173,7 +135,7 @@ def test_every_collective_matches_numpy(world_size, leaves_nothing_behind):
 
 
 @pytest.mark.timeout(60)
-def test_lambdas_and_closures_ship_by_value(leaves_nothing_behind):
+def test_lambdas_and_closures_ship_by_value(leaves_no_mpi_job_behind):
     scale = 3.0
 
     def step(comm):  # a closure, as in a notebook cell
@@ -213,7 +175,7 @@ def _script(tmp_path, fail):
 
 
 @pytest.mark.timeout(120)
-def test_a_script_under_mpiexec_gets_every_result_on_every_rank(tmp_path, leaves_nothing_behind):
+def test_a_script_under_mpiexec_gets_every_result_on_every_rank(tmp_path, leaves_no_mpi_job_behind):
     import json
     done = _script(tmp_path, fail=False)
     assert done.returncode == 0, done.stderr
@@ -224,7 +186,7 @@ def test_a_script_under_mpiexec_gets_every_result_on_every_rank(tmp_path, leaves
 
 
 @pytest.mark.timeout(120)
-def test_a_failing_rank_aborts_the_mpiexec_job(tmp_path, leaves_nothing_behind):
+def test_a_failing_rank_aborts_the_mpiexec_job(tmp_path, leaves_no_mpi_job_behind):
     done = _script(tmp_path, fail=True)
     assert done.returncode != 0
     assert "minidist: rank 1 failed" in done.stderr and "ZeroDivisionError" in done.stderr
@@ -254,7 +216,7 @@ def _misbehave(comm, how):
     ("shape", CollectiveMismatchError, "float64 array of shape"),
     ("absent", CommTimeout, r"rank [02]: all_reduce"),
 ])
-def test_failures_end_in_the_right_error(how, error, match, leaves_nothing_behind):
+def test_failures_end_in_the_right_error(how, error, match, leaves_no_mpi_job_behind):
     start = time.monotonic()
     with pytest.raises(error, match=match) as caught:
         run(_misbehave, 3, args=(how,), backend="mpi", timeout=3)
@@ -267,7 +229,7 @@ def test_failures_end_in_the_right_error(how, error, match, leaves_nothing_behin
 
 
 @pytest.mark.timeout(60)
-def test_a_rank_stuck_outside_minidist_is_killed_at_the_timeout(leaves_nothing_behind):
+def test_a_rank_stuck_outside_minidist_is_killed_at_the_timeout(leaves_no_mpi_job_behind):
     start = time.monotonic()
     with pytest.raises(CommTimeout, match="did not finish within 1 s"):
         run(lambda comm: time.sleep(60), 2, backend="mpi", timeout=1)
@@ -276,11 +238,13 @@ def test_a_rank_stuck_outside_minidist_is_killed_at_the_timeout(leaves_nothing_b
 
 # ---- pieces that need no mpiexec -----------------------------------------------------------------
 def test_messages_pack_and_unpack_any_array():
+    from minidist.comm.calls import describe
     from minidist.comm.mpi import _pack, _unpack
     for x in [np.arange(7, dtype=np.float32), np.zeros((0, 3)), np.array(2.5), np.ones((2, 3, 4)),
               np.array([True, False]), np.arange(3, dtype=">i4"), np.array([1 + 2j])]:
-        wire, y = _unpack(_pack(x, (2**31 - 1 << 32) | 2**30 + 2**20))
-        assert wire == (2**31 - 1 << 32) | 2**30 + 2**20
+        call = describe("all_gather", x.dtype, x.shape, (("algorithm", "ring"),))
+        wire, y, raw = _unpack(_pack(x, (2**31 - 1 << 32) | 2**30 + 2**20, call))
+        assert wire == (2**31 - 1 << 32) | 2**30 + 2**20 and raw == call.raw
         assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(x, y)
         assert y.flags.writeable and y.ctypes.data % 16 == 0
 

@@ -3,8 +3,6 @@ or mismatched checkpoint ends in a ValueError or TypeError that names it, before
 of) a wrong number, on every strategy it applies to; process runs leave nothing behind."""
 
 import functools
-import glob
-import multiprocessing as mp
 import os
 import time
 
@@ -27,19 +25,6 @@ STRATEGIES = {
     "parameter_server": {"workers": 2, "backend": "process"},
 }
 MODEL_PARALLEL = ["tensor_parallel", "pipeline", "hybrid"]
-
-
-@pytest.fixture
-def leaves_nothing_behind():
-    """Fails the test if it leaves a shared-memory segment or a child process (the same check
-    as tests/test_launch.py's fixture of that name)."""
-    def ours():
-        return set(glob.glob(f"/dev/shm/md{os.getpid()}_*"))
-
-    before = ours()
-    yield
-    assert ours() - before == set()
-    assert mp.active_children() == []
 
 
 def _fails(error, match, *args, **kwargs):

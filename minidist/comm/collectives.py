@@ -23,13 +23,14 @@ UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 
 
 def recv_like(comm, src, like):
-    """Receive from src and check it has `like`'s shape and dtype (else a clear error, not
-    wrong numbers)."""
+    """Receive from src and check it has `like`'s shape and dtype. `recv` has already checked
+    that src made the same call, so a piece of another shape means the algorithm itself is
+    wrong (say, a student's own): a clear error, not wrong numbers."""
     got = comm.recv(src)
     if got.shape != like.shape or got.dtype != like.dtype:
         raise CollectiveMismatchError(
-            f"{comm._op}: rank {comm.rank} expected {like.dtype} {like.shape} from rank {src}, "
-            f"got {got.dtype} {got.shape}; do all ranks pass the same shape and dtype?")
+            f"{comm._op}: rank {comm.rank} expected a piece of {like.dtype} {like.shape} from "
+            f"rank {src}, got {got.dtype} {got.shape}: the algorithm sends the wrong pieces")
     return got
 
 

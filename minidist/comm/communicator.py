@@ -7,6 +7,11 @@ is written once, over `send` and `recv`, in `collectives.py`.
 Message semantics: `send` never waits for the receiver (the message is buffered, and the array
 may be reused at once); `recv` waits at most `timeout` seconds. Messages between two ranks with
 the same tag arrive in the order they were sent.
+
+Every rank checks that all ranks make the same collective call (same collective, arguments,
+dtype and shape), always, for a few bytes: each message sent inside a collective carries the
+sender's call (calls.py: a short text in the header), and `recv` compares it with its own;
+native paths compare the calls' digests through shared memory (or MPI) before touching any data.
 """
 
 import functools
@@ -15,16 +20,15 @@ import time
 import numpy as np
 
 from minidist.comm import collectives
+from minidist.comm.calls import NO_CALL, Call, describe
 from minidist.comm.stats import Stats
-from minidist.errors import CollectiveMismatchError, CommTimeout
+from minidist.errors import CollectiveMismatchError, CommTimeout, clock
 
 TAG_LIMIT = 2**30  # user tags lie in [0, TAG_LIMIT)
 COLLECTIVE_TAG = TAG_LIMIT  # + the collective's sequence number mod 2^16
 FINGERPRINT_TAG = TAG_LIMIT + 2**20
 REDUCE_OPS = ("sum", "mean", "max", "min")
 ALGORITHMS = ("naive", "tree", "ring", "recursive_doubling", "native", "auto")
-
-
 def check_buffer(array, what):
     """A collective's buffer must be a C-contiguous numeric numpy array."""
     if not isinstance(array, np.ndarray):
@@ -51,21 +55,38 @@ class Communicator:
         self.timeout, self.debug, self.context = timeout, debug, context
         self.stats = Stats()
         self._op = None  # the collective in progress, if any
+        self._call = NO_CALL  # its Call
         self._seq = 0  # collectives called so far
         self._splits = 0
+        self._tick, self._user_code = None, {}  # see _returned
 
     def __repr__(self):
         return f"<{type(self).__name__} rank {self.rank} of {self.world_size}>"
 
     # ---- what a backend supplies -------------------------------------------------------------
-    def _transport_send(self, array, dst, tag):
+    def _transport_send(self, array, dst, tag, call):
+        """Send `array` and `call` (a Call: the collective it is part of, or NO_CALL)."""
         raise NotImplementedError
 
     def _transport_recv(self, src, tag, timeout):
+        """(array, raw bytes of the sender's call)."""
         raise NotImplementedError
 
     def _set_status(self, text):
         """Record what this rank is doing, so a timeout can say where each rank was stuck."""
+
+    def _returned(self, after=None):
+        """Back in user code, `after` a call returned (None: at the start): say so, and since
+        when. Each text is made once per tenth of a second, so this costs a dict lookup."""
+        tick = time.time_ns() // 100_000_000
+        if tick != self._tick:
+            self._tick, self._user_code = tick, {}
+        text = self._user_code.get(after)
+        if text is None:
+            text = f"running user code since {clock(tick / 10)}" + (f", after {after}" if after
+                                                                    else "")
+            self._user_code[after] = text
+        self._set_status(text)
 
     def _count_native(self, sent, received):
         """Native paths send no messages: count the bytes they copy between ranks."""
@@ -86,16 +107,28 @@ class Communicator:
         op = self.stats[self._op or "send"]
         op.bytes_sent += array.nbytes
         op.messages += 1
-        self._set_status(f"{self._op or 'send'}: send to rank {dst}")
-        self._transport_send(array, dst, wire)
+        if self._op is None:
+            self._set_status(f"send to rank {dst}")
+            self._transport_send(array, dst, wire, NO_CALL)
+            self._returned(f"send to rank {dst}")
+        else:
+            self._set_status(f"{self._op}: send to rank {dst}")
+            self._transport_send(array, dst, wire, self._call)
 
     def recv(self, src, tag=0, timeout=None):
-        """Receive the next array from rank `src` with `tag`, waiting at most `timeout` s."""
+        """Receive the next array from rank `src` with `tag`, waiting at most `timeout` s.
+        Inside a collective, the sender's call must be this rank's: else CollectiveMismatchError."""
         self._check_message(None, src, tag, "src")
-        self._set_status(f"{self._op or 'recv'}: recv from rank {src}")
+        self._set_status(f"{self._op}: recv from rank {src}" if self._op
+                         else f"recv from rank {src}")
         timeout = self.timeout if timeout is None else timeout
-        array = self._transport_recv(src, self._wire_tag(tag), timeout)
+        array, call = self._transport_recv(src, self._wire_tag(tag), timeout)
         self.stats[self._op or "recv"].bytes_received += array.nbytes
+        if self._op is None:
+            self._returned(f"recv from rank {src}")
+        elif call != self._call.raw:
+            raise CollectiveMismatchError.between(
+                self.rank, {self.rank: self._call.text, src: Call.text_of(call)})
         return array
 
     def _check_message(self, array, peer, tag, name):
@@ -114,32 +147,39 @@ class Communicator:
         return (self.context << 32) | tag
 
     # ---- collectives -------------------------------------------------------------------------
-    def _collective(self, name, array=None, **details):
-        """`with self._collective(...)`: count, time and (in debug mode) fingerprint one call."""
+    def _collective(self, name, array=None, *details):
+        """`with self._collective(...)`: describe, count, time and (in debug mode) fingerprint
+        one call. `details`: (argument, value) pairs that all ranks must pass alike."""
         return _CollectiveCall(self, name, array, details)
 
-    def _check_fingerprint(self, op, array, details):
-        """Debug mode: compare (sequence number, op, shape, dtype, root) across ranks first."""
-        shape = None if array is None else (str(array.dtype), array.shape)
-        mine = f"collective #{self._seq} {op} {shape} {details}"
+    def _check_fingerprint(self):
+        """Debug mode: rank 0 compares every rank's (sequence number, call) first, so ranks
+        that call different collectives, even ones that never message each other, are named."""
+        mine = f"collective #{self._seq} {self._call.text}"
         wire = (self.context << 32) | FINGERPRINT_TAG
-        encode = lambda text: np.frombuffer(text.encode(), dtype=np.uint8)  # noqa: E731
-        self._set_status(f"{op} (debug fingerprint)")
+
+        def send(text, dst):
+            self._transport_send(np.frombuffer(text.encode(), np.uint8), dst, wire, NO_CALL)
+
+        def recv(src):
+            return bytes(self._transport_recv(src, wire, self.timeout)[0]).decode()
+
+        self._set_status(f"debug fingerprint of {mine}")
         if self.rank == 0:
-            prints = [mine] + [bytes(self._transport_recv(r, wire, self.timeout)).decode()
-                               for r in range(1, self.world_size)]
+            prints = [mine] + [recv(r) for r in range(1, self.world_size)]
             verdict = "" if len(set(prints)) == 1 else "\n".join(
                 f"  rank {r}: {p}" for r, p in enumerate(prints))
             for r in range(1, self.world_size):
-                self._transport_send(encode(verdict), r, wire)
+                send(verdict, r)
         else:
-            self._transport_send(encode(mine), 0, wire)
-            verdict = bytes(self._transport_recv(0, wire, self.timeout)).decode()
+            send(mine, 0)
+            verdict = recv(0)
         if verdict:
             raise CollectiveMismatchError(f"ranks disagree on a collective call:\n{verdict}")
 
     def _algorithm(self, name, algorithm, allowed, default):
-        """The function that runs `name` with `algorithm`; "auto" prefers the native one."""
+        """(the function that runs `name` with `algorithm`, the algorithm's name); "auto"
+        prefers the native one."""
         if algorithm not in allowed:
             raise ValueError(f"unknown algorithm {algorithm!r} for {name}; "
                              f"allowed: {', '.join(allowed)}")
@@ -147,9 +187,9 @@ class Communicator:
         if algorithm == "native" and native is None:
             raise ValueError(f"{self!r} ({self.backend} backend) has no native {name}")
         if algorithm in ("native", "auto") and native is not None:
-            return native
-        written = getattr(collectives, f"{name}_{default if algorithm == 'auto' else algorithm}")
-        return functools.partial(written, self)
+            return native, "native"
+        algorithm = default if algorithm == "auto" else algorithm
+        return functools.partial(getattr(collectives, f"{name}_{algorithm}"), self), algorithm
 
     @staticmethod
     def _check_op(op, array):
@@ -162,8 +202,8 @@ class Communicator:
         """Copy rank src's array into every rank's `array` (in place); returns it."""
         check_buffer(array, "broadcast")
         self._check_root(src, "src")
-        run = self._algorithm("broadcast", algorithm, ("tree", "native", "auto"), "tree")
-        with self._collective("broadcast", array, src=src):
+        run, how = self._algorithm("broadcast", algorithm, ("tree", "native", "auto"), "tree")
+        with self._collective("broadcast", array, ("src", src), ("algorithm", how)):
             run(array, src)
         return array
 
@@ -172,7 +212,7 @@ class Communicator:
         check_buffer(array, "reduce")
         self._check_root(dst, "dst")
         self._check_op(op, array)
-        with self._collective("reduce", array, dst=dst, op=op):
+        with self._collective("reduce", array, ("dst", dst), ("op", op)):
             collectives.reduce_tree(self, array, dst, op)
         return array
 
@@ -180,16 +220,16 @@ class Communicator:
         """Every rank's `array` becomes the elementwise op over all ranks' arrays (in place)."""
         check_buffer(array, "all_reduce")
         self._check_op(op, array)
-        run = self._algorithm("all_reduce", algorithm, ALGORITHMS, "ring")
-        with self._collective("all_reduce", array, op=op):
+        run, how = self._algorithm("all_reduce", algorithm, ALGORITHMS, "ring")
+        with self._collective("all_reduce", array, ("op", op), ("algorithm", how)):
             run(array, op)
         return array
 
     def all_gather(self, array, algorithm="auto"):
         """Returns every rank's array stacked by rank: shape (world_size, *array.shape)."""
         check_buffer(array, "all_gather")
-        run = self._algorithm("all_gather", algorithm, ("ring", "native", "auto"), "ring")
-        with self._collective("all_gather", array):
+        run, how = self._algorithm("all_gather", algorithm, ("ring", "native", "auto"), "ring")
+        with self._collective("all_gather", array, ("algorithm", how)):
             return run(array)
 
     def reduce_scatter(self, array, op="sum"):
@@ -199,33 +239,34 @@ class Communicator:
         self._check_op(op, array)
         if array.ndim == 0:
             raise ValueError("reduce_scatter needs an array with at least one axis to split")
-        with self._collective("reduce_scatter", array, op=op):
+        with self._collective("reduce_scatter", array, ("op", op)):
             return collectives.reduce_scatter_ring(self, array, op)
 
     def gather(self, array, dst=0):
         """Rank dst gets every rank's array stacked by rank; other ranks get None."""
         check_buffer(array, "gather")
         self._check_root(dst, "dst")
-        with self._collective("gather", array, dst=dst):
+        with self._collective("gather", array, ("dst", dst)):
             return collectives.gather(self, array, dst)
 
     def scatter(self, array=None, src=0):
-        """Rank src passes an array of shape (world_size, ...); every rank gets its row."""
+        """Rank src passes an array of shape (world_size, ...); every rank gets its row (of
+        src's dtype; the other ranks' `array` is not used)."""
         self._check_root(src, "src")
         if self.rank == src:
             check_buffer(array, "scatter")
             if array.ndim == 0 or array.shape[0] != self.world_size:
                 raise ValueError(f"scatter: rank {src} must pass an array with a leading axis of "
                                  f"world_size={self.world_size}, got shape {array.shape}")
-        with self._collective("scatter", None, src=src):
+        with self._collective("scatter", None, ("src", src)):
             return collectives.scatter(self, array, src)
 
     def barrier(self, algorithm="auto"):
         """Return only when every rank has called barrier ("dissemination": ⌈lg p⌉ rounds of
         empty messages; "native": the backend's own, e.g. counters in shared memory)."""
-        run = self._algorithm("barrier", algorithm, ("dissemination", "native", "auto"),
-                              "dissemination")
-        with self._collective("barrier"):
+        run, how = self._algorithm("barrier", algorithm, ("dissemination", "native", "auto"),
+                                   "dissemination")
+        with self._collective("barrier", None, ("algorithm", how)):
             run()
 
     def split(self, color, key=None):
@@ -254,16 +295,18 @@ class _CollectiveCall:
         self.comm, self.name, self.array, self.details = comm, name, array, details
 
     def __enter__(self):
-        comm = self.comm
+        comm, array = self.comm, self.array
         self.outer = comm._op is None  # a collective built from others counts as one
         if self.outer:
             comm._seq += 1
+            comm._call = describe(self.name, None, None, self.details) if array is None \
+                else describe(self.name, array.dtype, array.shape, self.details)
             if comm.debug:
-                comm._check_fingerprint(self.name, self.array, self.details)
-            self.start = time.perf_counter()
+                comm._check_fingerprint()
             comm._op = self.name
+            self.start = time.perf_counter()
             comm.stats[self.name].calls += 1
-            comm._set_status(self.name)
+            comm._set_status(comm._call.text)
 
     def __exit__(self, *exc):
         if self.outer:
@@ -271,7 +314,7 @@ class _CollectiveCall:
             comm._op = None
             comm.stats[self.name].seconds += time.perf_counter() - self.start
             if exc[0] is None:  # on an error the status keeps saying where the rank was
-                comm._set_status("idle")
+                comm._returned(self.name)
 
 
 class SubCommunicator(Communicator):
@@ -283,14 +326,17 @@ class SubCommunicator(Communicator):
         self.parent, self.members = parent, members
         self.backend = parent.backend
 
-    def _transport_send(self, array, dst, tag):
-        self.parent._transport_send(array, self.members[dst], tag)
+    def _transport_send(self, array, dst, tag, call):
+        self.parent._transport_send(array, self.members[dst], tag, call)
 
     def _transport_recv(self, src, tag, timeout):
         return self.parent._transport_recv(self.members[src], tag, timeout)
 
     def _set_status(self, text):
         self.parent._set_status(f"[group {self.members}] {text}")
+
+    def _returned(self, after):
+        self.parent._returned(f"{after} in group {self.members}")
 
 
 def deadline_error(what, timeout):

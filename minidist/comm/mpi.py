@@ -2,37 +2,43 @@
 
 Two ways to run the same `fn`:
 - under `mpiexec -n N python script.py`, `run(fn, N, backend="mpi")` runs fn on this rank and
-  all-gathers the results, so every rank returns the full list. A rank that raises prints its
-  traceback and calls MPI_Abort, which ends the whole job: that is how MPI programs fail.
+  all-gathers the results, so every rank returns the full list. A rank that raises sends its
+  report to the others (MPI tag FAILURE_TAG), which every wait polls for: every rank raises
+  WorkerError naming it, and the job ends as the script does. A rank that dies cannot tell:
+  mpiexec then kills the job, and the rank's watcher (`mpi_watch.py`) removes its shared memory.
 - from a plain process (a notebook, a script started without mpiexec), `run` starts mpiexec
   itself (`mpi_launcher.py`), ships fn by value and collects each rank's result or failure.
 
 Messages: MPI tags are small (MPICH: < 2**29) and minidist's wire tags are 64-bit, so every message
-travels under one MPI tag with a small header (wire tag, dtype, shape) in front of the data. A
-receiver takes rank src's messages in order and stashes those for other tags until asked.
+travels under one MPI tag with a small header (wire tag, dtype, shape, then the collective call it
+is part of) in front of the data. A receiver takes rank src's messages in order and stashes those
+for other tags until asked.
 Nothing blocks inside MPI: every wait polls a request (MPICommunicator._poll), so a waiting rank
 gives its core to a busy one (8 ranks on 2 cores) and every wait ends at its timeout. Native
 collectives are MPI's own (Iallreduce, Ibcast, Iallgather), checked first for a call that all
-ranks agree on, since MPI answers mismatched sizes with wrong numbers rather than an error.
+ranks agree on (an all-gather of 8-byte digests), since MPI answers mismatched sizes with wrong
+numbers rather than an error.
 """
 
 import contextlib
 import os
+import subprocess
 import sys
 import time
 import traceback
-import zlib
 
 import cloudpickle
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from minidist.comm import collectives
+from minidist.comm.calls import CALL_BYTES, NO_CALL, Call
 from minidist.comm.communicator import Communicator, deadline_error
-from minidist.errors import CollectiveMismatchError
+from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
 
 MPI = None  # mpi4py.MPI, imported on first use: importing it starts MPI in this process
 P2P_TAG = 7  # the one MPI tag all of minidist's messages travel under
+FAILURE_TAG = 8  # a failed rank's report to every other rank (MPICommunicator.tell_failure)
 HEAD = 3  # header words before the shape: wire tag, ndim, dtype (8 ASCII bytes)
 YIELD_S, NAP_S, MAX_PAUSE_S = 0.05, 1e-6, 1e-3  # waiting: see MPICommunicator._poll
 MPIEXEC_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")
@@ -69,24 +75,29 @@ def abort(world):
     world.Abort(1)
 
 
-def _pack(array, wire):
-    """One message: int64 header words [wire, ndim, dtype, *shape] (16-byte aligned), then data."""
+def _pack(array, wire, call=NO_CALL):
+    """One message: int64 header words [wire, ndim, dtype, *shape] (16-byte aligned), the
+    CALL_BYTES of `call` (the collective the message is part of), then data."""
     words = HEAD + array.ndim + (HEAD + array.ndim) % 2
-    buf = np.empty(8 * words + array.nbytes, dtype=np.uint8)
+    start = 8 * words + CALL_BYTES
+    buf = np.empty(start + array.nbytes, dtype=np.uint8)
     head = buf[:8 * words].view(np.int64)
     head[:] = (wire, array.ndim, 0, *array.shape) + (0,) * (words - HEAD - array.ndim)
     head[2:3].view("S8")[0] = array.dtype.str.encode()
-    buf[8 * words:] = array.reshape(-1).view(np.uint8)
+    buf[8 * words:start] = call.wire
+    buf[start:] = array.reshape(-1).view(np.uint8)
     return buf
 
 
 def _unpack(buf):
-    """(wire tag, array) from a message; the array is a view into buf, no copy."""
+    """(wire tag, array, raw bytes of the call) from a message; the array is a view into buf."""
     ndim = int(buf[8:16].view(np.int64)[0])
     words = HEAD + ndim + (HEAD + ndim) % 2
+    start = 8 * words + CALL_BYTES
     head = buf[:8 * words].view(np.int64)
     dtype = np.dtype(head[2:3].view("S8")[0].decode())
-    return int(head[0]), buf[8 * words:].view(dtype).reshape(tuple(head[HEAD:HEAD + ndim]))
+    array = buf[start:].view(dtype).reshape(tuple(head[HEAD:HEAD + ndim]))
+    return int(head[0]), array, buf[8 * words:start].tobytes()
 
 
 def _as_bytes(array):
@@ -119,12 +130,13 @@ class MPICommunicator(Communicator):
         self._base = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.mpi = self._base.Dup()
         super().__init__(self.mpi.rank, self.mpi.size, timeout, debug)
-        self.status = "starting"
+        self._returned()
         node = self._base.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
         self._crowded = node.size > cores()  # more ranks than cores
         node.Free()
         self._sends = []  # requests of sends not yet known to be complete
         self._stash = {}  # (src, wire tag) -> arrays that came before they were asked for
+        self.peer_failure = None  # the report of a rank that failed, once one has come
 
     def _set_status(self, text):
         self.status = text
@@ -139,6 +151,7 @@ class MPICommunicator(Communicator):
         all-reduce 13x slower (0.4 ms against 30 us)."""
         start, pause = time.monotonic(), NAP_S
         while not (got := ready()):
+            self._check_peers()
             now = time.monotonic()
             if now > deadline:
                 raise deadline_error(f"rank {self.rank}: {what}", timeout)
@@ -151,9 +164,9 @@ class MPICommunicator(Communicator):
                 os.sched_yield()
         return got
 
-    def _transport_send(self, array, dst, tag):
+    def _transport_send(self, array, dst, tag, call):
         """Isend a private packed copy; completed requests are dropped from time to time."""
-        self._sends.append(self.mpi.Isend(_pack(array, tag), dst, P2P_TAG))
+        self._sends.append(self.mpi.Isend(_pack(array, tag, call), dst, P2P_TAG))
         if len(self._sends) > 32:
             self._sends = [req for req in self._sends if not req.Test()]
 
@@ -165,8 +178,8 @@ class MPICommunicator(Communicator):
                                  timeout, f"recv from rank {src}")
             buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
             self._poll(message.Irecv(buf).Test, deadline, timeout, f"recv from rank {src}")
-            wire, array = _unpack(buf)
-            self._stash.setdefault((src, wire), []).append(array)
+            wire, array, call = _unpack(buf)
+            self._stash.setdefault((src, wire), []).append((array, call))
         queue = self._stash[(src, tag)]
         if len(queue) == 1:
             del self._stash[(src, tag)]
@@ -176,17 +189,18 @@ class MPICommunicator(Communicator):
         self._poll(request.Test, time.monotonic() + self.timeout, self.timeout,
                    f"{self._op}: MPI did not complete it")
 
-    def _agree(self, call, array):
+    def _agree(self):
         """MPI gives wrong numbers, not an error, when ranks pass different sizes or call
-        different collectives; so each native call first checks that all ranks made the same
-        call (one small all-reduce of a checksum of it: max(x) = -max(-x) iff all agree)."""
-        call = f"{call} on a {array.dtype} array of shape {array.shape}"
-        mine = zlib.crc32(f"{call} {array.dtype.str}".encode())
-        both = np.array([mine, -mine], dtype=np.int64)
-        self._wait(self.mpi.Iallreduce(MPI.IN_PLACE, both, MPI.MAX))
-        if both[0] != -both[1]:
-            raise CollectiveMismatchError(f"rank {self.rank} called {call}, other ranks called "
-                                          f"something else; run(..., debug=True) shows each call")
+        different collectives; so each native call first all-gathers the digests of every
+        rank's call (8 bytes each) and, only if they differ, the calls, to name them."""
+        call, p = self._call, self.world_size
+        digests = np.empty(p, np.int64)
+        self._wait(self.mpi.Iallgather(np.array([call.digest], np.int64), digests))
+        if (digests != call.digest).any():
+            rows = np.empty((p, CALL_BYTES), np.uint8)
+            self._wait(self.mpi.Iallgather(call.wire.copy(), rows))
+            raise CollectiveMismatchError.between(
+                self.rank, {r: Call.text_of(rows[r].tobytes()) for r in range(p)})
 
     # ---- native collectives: MPI's own, non-blocking and polled, so they time out too ---------
     # MPI does not report the bytes it moves; stats get the ring model's count for this rank
@@ -198,11 +212,11 @@ class MPICommunicator(Communicator):
         op.messages += messages
 
     def _native_all_reduce(self, array, op):
+        self._agree()
         mpi_op = _mpi_op(array.dtype, op)
         if mpi_op is None:  # complex max/min, non-native byte order: the ring does it
             return collectives.all_reduce_ring(self, array, op)
         self._set_status(f"all_reduce: MPI Iallreduce over {self.world_size} ranks")
-        self._agree(f"all_reduce(op={op!r})", array)
         self._wait(self.mpi.Iallreduce(MPI.IN_PLACE, array, mpi_op))
         if op == "mean":
             array /= self.world_size
@@ -215,8 +229,8 @@ class MPICommunicator(Communicator):
         return array
 
     def _native_broadcast(self, array, src):
+        self._agree()
         self._set_status(f"broadcast: MPI Ibcast from rank {src}")
-        self._agree(f"broadcast(src={src})", array)
         self._wait(self.mpi.Ibcast(_as_bytes(array), root=src))
         if self.world_size > 1:
             root = self.rank == src
@@ -225,8 +239,8 @@ class MPICommunicator(Communicator):
 
     def _native_all_gather(self, array):
         out = np.empty((self.world_size, *array.shape), dtype=array.dtype)
+        self._agree()
         self._set_status(f"all_gather: MPI Iallgather over {self.world_size} ranks")
-        self._agree("all_gather", array)
         self._wait(self.mpi.Iallgather(_as_bytes(array), _as_bytes(out)))
         n = (self.world_size - 1) * array.nbytes
         self._count("all_gather", n, n, self.world_size - 1)
@@ -254,6 +268,29 @@ class MPICommunicator(Communicator):
                    "finished, but the other ranks did not all finish")
         self.mpi.Free()
 
+    # ---- a failure reaches every rank: what each wait checks while it waits --------------------
+    def tell_failure(self, report):
+        """This rank failed: send its report (rank, exc_type, message, traceback) to every other
+        rank, and wait (briefly: a dead peer never receives) until the sends are out."""
+        self.peer_failure = report  # from now on, this rank heeds no other rank's report
+        sends = [self.mpi.isend(report, dst, FAILURE_TAG)
+                 for dst in range(self.world_size) if dst != self.rank]
+        with contextlib.suppress(CommTimeout):
+            self._poll(lambda: MPI.Request.Testall(sends), time.monotonic() + 1.0, 1.0,
+                       "telling the other ranks that this one failed")
+
+    def _check_peers(self):
+        """Raise the failure another rank reported (WorkerError naming it); once one has come,
+        every later wait raises it again."""
+        if self.peer_failure is None:
+            message = self.mpi.improbe(MPI.ANY_SOURCE, FAILURE_TAG)  # a pickled report
+            if message is None:
+                return
+            self.peer_failure = message.recv()
+        if self.peer_failure["rank"] != self.rank:
+            f = self.peer_failure
+            raise remote_failure(f["rank"], f["exc_type"], f["message"], f["traceback"])
+
 
 # ---- run(fn, world_size, backend="mpi") ----------------------------------------------------------
 def run_mpi(fn, world_size, args, kwargs, timeout, debug):
@@ -266,20 +303,51 @@ def run_mpi(fn, world_size, args, kwargs, timeout, debug):
 
 
 def _run_this_rank(fn, world_size, args, kwargs, timeout, debug):
-    """Under mpiexec: fn on this rank, then every rank gets every result. On a failure this rank
-    prints its traceback and calls MPI_Abort, which ends the whole job."""
+    """Under mpiexec: fn on this rank, then every rank gets every result. A rank that fails
+    says so on stderr, sends its report to every other rank and raises WorkerError naming
+    itself; each other rank raises WorkerError naming it at its next wait (at the latest when it
+    finishes fn). A CommTimeout, KeyboardInterrupt or SystemExit is raised as it is."""
     world = _load_mpi().COMM_WORLD
     if world.size != world_size:
         raise ValueError(f"run(..., world_size={world_size}) inside an MPI job of {world.size} "
                          f"ranks; start it with mpiexec -n {world_size} or pass "
                          f"world_size={world.size}")
+    comm = MPICommunicator(world, timeout, debug)
+    _tell_watcher(world.rank, b"run\n")
     try:
-        comm = MPICommunicator(world, timeout, debug)
         with threadpool_limits(limits=1):
             blob = cloudpickle.dumps(fn(comm, *args, **kwargs))
         comm.finish()
         return [cloudpickle.loads(b) for b in world.allgather(blob)]
-    except BaseException:  # noqa: BLE001 - under mpiexec a failed rank ends the job
-        sys.stderr.write(f"minidist: rank {world.rank} failed\n{traceback.format_exc()}")
+    except BaseException as exc:
+        if comm.peer_failure is not None:  # raised by the report of a rank that failed first
+            raise
+        report = {"rank": comm.rank, "exc_type": type(exc).__name__, "message": str(exc),
+                  "traceback": traceback.format_exc()}
+        sys.stderr.write(f"minidist: rank {comm.rank} failed: {report['exc_type']}: {exc}; "
+                         f"the other ranks raise WorkerError naming it\n")
         sys.stderr.flush()
-        abort(world)
+        comm.tell_failure(report)
+        if isinstance(exc, (CommTimeout, KeyboardInterrupt, SystemExit)):
+            raise
+        raise remote_failure(comm.rank, report["exc_type"], report["message"],
+                             report["traceback"]) from None
+    finally:
+        _tell_watcher(world.rank, b"done\n")
+
+
+_WATCHER = None  # this rank's watcher (mpi_watch.py), started by its first run()
+
+
+def _tell_watcher(rank, line):
+    """Tell this rank's watcher that run() starts or ends: should the rank die inside run(),
+    the watcher says how and removes the job's shared memory (nobody else in the job can)."""
+    global _WATCHER
+    if _WATCHER is None:
+        _WATCHER = subprocess.Popen(
+            [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "mpi_watch.py"),
+             str(rank), str(os.getpid()), *sorted(mpich_shm_files())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    with contextlib.suppress(OSError):  # a watcher gone (killed) is no reason to fail
+        _WATCHER.stdin.write(line)
+        _WATCHER.stdin.flush()

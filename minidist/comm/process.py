@@ -1,45 +1,31 @@
 """The process backend: one OS process per rank, messages through shared-memory rings.
 
-`send` copies the message into the ring to the destination when it fits, and otherwise hands a
-private copy to a feeder thread that streams it in as the receiver makes room; either way it
-returns at once. `recv` copies bytes out of the ring from the source, sleeping on a semaphore
-while the ring is empty. The native all-reduce skips messages altogether: every rank reduces its
-chunk straight out of the other ranks' shared buffers.
+`send` copies the message (a header, the collective call it is part of, the data) into the ring
+to the destination when it fits, and otherwise hands a private copy to a feeder thread that
+streams it in as the receiver makes room; either way it returns at once. `recv` copies bytes out
+of the ring from the source, sleeping on a semaphore while the ring is empty. The native
+all-reduce skips messages altogether: every rank reduces its chunk straight out of the other
+ranks' shared buffers.
 """
 
 import os
-import sys
 import threading
 import time
 from collections import defaultdict, deque
-from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
 from minidist.comm import shm
+from minidist.comm.calls import CALL_BYTES, Call
 from minidist.comm.collectives import UFUNCS
 from minidist.comm.communicator import Communicator, deadline_error
+from minidist.comm.shm import attach
 from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError
 
 SPINS = 200  # recv polls this many times (yielding the core) before it sleeps on the doorbell
-
-
-def attach(name, create=False, size=0):
-    """Open a shared-memory segment without registering it with Python's resource tracker.
-
-    The ranks share one tracker, which keeps a set of names: two ranks mapping one segment
-    would unbalance it. The launcher, which outlives every rank, unlinks all of a run's
-    segments itself, even after a rank was killed.
-    """
-    if sys.version_info >= (3, 13):
-        return SharedMemory(name=name, create=create, size=size, track=False)
-    register, resource_tracker.register = resource_tracker.register, lambda *args: None
-    try:
-        return SharedMemory(name=name, create=create, size=size)
-    finally:
-        resource_tracker.register = register
+HEADER = shm.MESSAGE_HEADER + CALL_BYTES  # a message's header, then the call it is part of
+SMALL = shm.SMALL - CALL_BYTES  # data bytes of a small slot; its last CALL_BYTES hold a call
 
 
 class Outbox:
@@ -139,28 +125,34 @@ class ProcessCommunicator(Communicator):
         start = layout.status + rank * shm.STATUS_BYTES
         self.status_row, self.status_bytes = buf[start:start + shm.STATUS_BYTES], {}
         self.slot_views = {}  # (parity, nbytes, dtype) -> every rank's slot as that array
+        self.native_calls, self.posted = 0, [None, None]  # see _meet
+        self.digests = [self.published[4::8], self.published[5::8]]  # [parity][rank]
+        self.call_rows = [[slot[SMALL:] for slot in slots] for slots in self.small_slots]
+        self._returned()
 
     def _set_status(self, text):
         data = self.status_bytes.get(text)
         if data is None:  # statuses repeat ("all_reduce", "idle", ...): encode each once
             data = text.encode()[: shm.STATUS_BYTES - 1].ljust(shm.STATUS_BYTES, b"\0")
-            if len(self.status_bytes) < 1024:
-                self.status_bytes[text] = data
+            if len(self.status_bytes) >= 1024:  # "running user code since <time>" changes
+                self.status_bytes.clear()
+            self.status_bytes[text] = data
         self.status_row[:] = data
 
     # ---- messages --------------------------------------------------------------------------
-    def _transport_send(self, array, dst, tag):
-        self.outboxes[dst].send(shm.encode_header(tag, array), array.reshape(-1).view(np.uint8))
+    def _transport_send(self, array, dst, tag, call):
+        header = np.concatenate((shm.encode_header(tag, array), call.wire))
+        self.outboxes[dst].send(header, array.reshape(-1).view(np.uint8))
 
     def _transport_recv(self, src, tag, timeout):
         deadline = time.monotonic() + timeout
         while not self.stash[(src, tag)]:
-            header = np.empty(shm.MESSAGE_HEADER, np.uint8)
+            header = np.empty(HEADER, np.uint8)
             self._read(src, header, deadline, timeout)
-            got_tag, shape, dtype, nbytes = shm.decode_header(header)
+            got_tag, shape, dtype, nbytes = shm.decode_header(header[:shm.MESSAGE_HEADER])
             array = np.empty(shape, dtype)
             self._read(src, array.reshape(-1).view(np.uint8), deadline, timeout)
-            self.stash[(src, got_tag)].append(array)
+            self.stash[(src, got_tag)].append((array, header[shm.MESSAGE_HEADER:].tobytes()))
         return self.stash[(src, tag)].popleft()
 
     def _read(self, src, out, deadline, timeout):
@@ -189,10 +181,10 @@ class ProcessCommunicator(Communicator):
 
     def close(self):
         """Let go of every view into shared memory, then unmap it (the launcher unlinks)."""
-        self.outboxes = self.inboxes = self.small_slots = self.scratch = None
+        self.outboxes = self.inboxes = self.small_slots = self.call_rows = self.scratch = None
         self.slot_views, self.status_row = {}, None
-        self.flags.release()
-        self.published.release()
+        for view in [*self.digests, self.flags, self.published]:
+            view.release()
         for segment in [self.control, *self.segments, *self.peer_segments.values()]:
             try:
                 segment.close()
@@ -219,11 +211,9 @@ class ProcessCommunicator(Communicator):
         return None
 
     def _peer_view(self, src, like):
-        """Rank src's published buffer, as an array shaped and typed like `like`."""
-        index, offset, nbytes = self.published[src * 8:src * 8 + 3]
-        if nbytes != like.nbytes:
-            raise CollectiveMismatchError(f"native collective: rank {src} passed {nbytes} bytes, "
-                                          f"rank {self.rank} passed {like.nbytes}")
+        """Rank src's published buffer, as an array shaped and typed like `like` (_meet has
+        checked that src's call, so its dtype and shape, is ours)."""
+        index, offset, _ = self.published[src * 8:src * 8 + 3]
         if (src, index) not in self.peer_segments:
             self.peer_segments[(src, index)] = attach(f"{self.prefix}_r{src}_{index}")
         buf = self.peer_segments[(src, index)].buf
@@ -256,11 +246,30 @@ class ProcessCommunicator(Communicator):
                                          self.timeout)
                 os.sched_yield() if spins < 10_000 else time.sleep(50e-6)
 
-    def _native_barrier(self):
+    def _meet(self):
+        """The first barrier of a native collective, which also checks that every rank made the
+        same call: each rank first posts its call's digest (publish word 4 or 5) and text (the
+        end of its small slot 0 or 1). Posts alternate between the two, so a rank's next native
+        call cannot overwrite a post that a slower rank still reads (it must pass a barrier)."""
+        call, parity = self._call, self.native_calls & 1
+        self.native_calls += 1
+        digests = self.digests[parity]
+        digests[self.rank] = call.digest
+        if self.posted[parity] is not call:  # the text only when it changed
+            self.call_rows[parity][self.rank][:] = call.wire
+            self.posted[parity] = call
         self._wait_all()
+        for s in range(self.world_size):
+            if digests[s] != call.digest:
+                rows = self.call_rows[parity]
+                raise CollectiveMismatchError.between(
+                    self.rank, {r: Call.text_of(rows[r].tobytes()) for r in range(self.world_size)})
+
+    def _native_barrier(self):
+        self._meet()
 
     def _native_all_reduce(self, array, op):
-        if array.nbytes <= shm.SMALL:
+        if array.nbytes <= SMALL:
             self._small_all_reduce(array, UFUNCS[op])
         else:
             self._large_all_reduce(array, UFUNCS[op])
@@ -283,12 +292,7 @@ class ProcessCommunicator(Communicator):
                 else {key: slots}
         flat = array.reshape(-1)
         np.copyto(slots[r], flat)
-        self.published[r * 8 + 4 + parity] = nbytes  # the size, double-buffered like the slot
-        self._wait_all()
-        sizes = [self.published[s * 8 + 4 + parity] for s in range(p)]
-        if sizes.count(nbytes) != p:
-            raise CollectiveMismatchError(f"all_reduce: ranks passed {sizes} bytes; "
-                                          "all must pass the same")
+        self._meet()
         if p > 1:
             ufunc(slots[0], slots[1], out=flat)
         for s in range(2, p):
@@ -301,7 +305,7 @@ class ProcessCommunicator(Communicator):
         their owners. Three barriers keep the phases apart."""
         p, r = self.world_size, self.rank
         flat = self._publish(array).reshape(-1)
-        self._wait_all()
+        self._meet()
         peers = {s: self._peer_view(s, flat) for s in range(p) if s != r}
         lo, hi = shard_bounds(flat.size, r, p)
         for theirs in peers.values():
@@ -321,7 +325,7 @@ class ProcessCommunicator(Communicator):
         """The root publishes its buffer; every other rank copies it out."""
         if self.rank == src:
             self._publish(array)
-        self._wait_all()
+        self._meet()
         if self.rank != src:
             array[...] = self._peer_view(src, array)
         self._wait_all()

@@ -10,13 +10,15 @@ forkserver alike), then waits on each rank's result pipe and process handle toge
 - the deadline passes                  -> CommTimeout naming each unfinished rank's operation
 
 Whatever happens, the other ranks are killed, and every shared-memory segment of the run
-(named with the run's prefix) is unlinked.
+(named with the run's prefix) is unlinked: also on Ctrl-C (KeyboardInterrupt unwinds the wait)
+and on SIGTERM, which unwinds it the same way and is then delivered again (run_processes).
 """
 
 import glob
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import uuid
 from multiprocessing.connection import wait
@@ -25,13 +27,15 @@ import cloudpickle
 import numpy as np
 
 from minidist.comm import shm
-from minidist.comm.process import ProcessCommunicator, attach
+from minidist.comm.process import ProcessCommunicator
+from minidist.comm.shm import attach
 from minidist.errors import CommTimeout, WorkerError, failure_report, remote_failure
 
 
 def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, spaces, payload,
                threads, conn):
     """What each rank's process runs."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a fork inherits the launcher's handler
     comm = None
     try:
         from threadpoolctl import threadpool_limits
@@ -54,23 +58,58 @@ def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, sp
 
 
 def run_processes(fn, world_size, args, kwargs, timeout, debug, start_method=None, threads=1):
-    """Run fn(comm, *args, **kwargs) in `world_size` processes; results in rank order."""
+    """Run fn(comm, *args, **kwargs) in `world_size` processes; results in rank order.
+
+    While it runs, SIGTERM unwinds it as Ctrl-C does, so the ranks are stopped and the segments
+    unlinked; then SIGTERM goes again to the handler it had before: by default the process ends
+    by SIGTERM, as the sender asked. Only the main thread may set a handler: in other threads,
+    or where SIGTERM is ignored or handled outside Python, SIGTERM keeps its handler.
+    """
+    job = (fn, world_size, args, kwargs, timeout, debug, start_method, threads)
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or \
+            previous in (signal.SIG_IGN, None):
+        return _run_processes(*job)
+    signal.signal(signal.SIGTERM, _unwind)
+    try:
+        return _run_processes(*job)
+    except _Terminated:
+        pass  # leaving this block frees the run's frames: spawn's named semaphores unlink now
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    signal.raise_signal(signal.SIGTERM)  # the default action ends the process right here
+    raise RuntimeError("the run was stopped by SIGTERM (its ranks were stopped and its shared "
+                       "memory freed)")  # reached only if the previous handler returned
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a run (a BaseException, as KeyboardInterrupt: no `except
+    Exception` may swallow it)."""
+
+
+def _unwind(signum, frame):
+    signal.signal(signal.SIGTERM, lambda *_: None)  # a second SIGTERM must not cut cleanup short
+    raise _Terminated
+
+
+def _run_processes(fn, world_size, args, kwargs, timeout, debug, start_method, threads):
     ctx = mp.get_context(start_method)
     prefix = f"md{os.getpid()}_{uuid.uuid4().hex[:8]}"  # short: macOS allows 31 bytes
     capacity = shm.ring_capacity(world_size)
     layout = shm.Layout(world_size, capacity)
-    control = attach(f"{prefix}_ctl", create=True, size=layout.total)
-    status = np.ndarray((world_size, shm.STATUS_BYTES), np.uint8, control.buf, layout.status)
+    payload = cloudpickle.dumps((fn, args, kwargs))
     doorbells = [ctx.Semaphore(0) for _ in range(world_size)]
     spaces = [[ctx.Semaphore(0) if s != d else None for d in range(world_size)]
               for s in range(world_size)]
-    payload = cloudpickle.dumps((fn, args, kwargs))
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     procs = [ctx.Process(target=_rank_main, name=f"minidist-rank-{r}", daemon=True,
                          args=(r, world_size, prefix, capacity, timeout, debug, doorbells,
                                spaces, payload, threads, pipes[r][1]))
              for r in range(world_size)]
+    control = None
     try:
+        control = attach(f"{prefix}_ctl", create=True, size=layout.total)
+        status = np.ndarray((world_size, shm.STATUS_BYTES), np.uint8, control.buf, layout.status)
         for proc in procs:
             proc.start()
         for _, child_end in pipes:
@@ -80,8 +119,9 @@ def run_processes(fn, world_size, args, kwargs, timeout, debug, start_method=Non
         _stop(procs)
         for reader, _ in pipes:
             reader.close()
-        del status
-        control.close()
+        status = None
+        if control is not None:
+            control.close()
         for path in glob.glob(f"/dev/shm/{prefix}_*"):  # the control segment and rank buffers
             os.unlink(path)
 
@@ -106,15 +146,12 @@ def _supervise(procs, conns, status, timeout):
             if rank not in waiting:
                 continue
             if conns[rank].poll():  # a message, even if the process has exited since
-                try:
-                    message = conns[rank].recv()
-                except EOFError:
-                    message = None
+                message = _message(conns[rank])
             elif handle is conns[rank]:
                 message = None  # the pipe closed without a message
             else:
                 procs[rank].join(1.0)  # exited: its last message may still be in flight
-                message = conns[rank].recv() if conns[rank].poll(0.5) else None
+                message = _message(conns[rank], 0.5)
             if message is None:
                 raise _died(rank, procs[rank])
             if message[0] == "ok":
@@ -129,6 +166,14 @@ def _supervise(procs, conns, status, timeout):
     return [results[r] for r in range(world_size)]
 
 
+def _message(conn, seconds=0.0):
+    """What the rank sent on `conn` (waiting up to `seconds`), or None: it sent nothing."""
+    try:
+        return conn.recv() if conn.poll(seconds) else None
+    except EOFError:  # the pipe closed first (poll says "ready" on a closed pipe too)
+        return None
+
+
 def _died(rank, proc):
     proc.join(1.0)
     code = proc.exitcode
@@ -141,6 +186,7 @@ def _died(rank, proc):
 
 def _stop(procs):
     """Terminate, then kill, whatever is still running; reap everything."""
+    procs = [proc for proc in procs if proc.pid is not None]  # started (a failed start stops)
     for proc in procs:
         if proc.is_alive():
             proc.terminate()

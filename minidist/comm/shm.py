@@ -14,6 +14,10 @@ Bytes free = C − (head − tail). The sender copies the bytes in, then advance
 receiver copies them out, then advances tail: each counter has exactly one writer.
 """
 
+import _posixshmem  # what multiprocessing.shared_memory opens segments with
+import mmap
+import os
+
 import numpy as np
 
 STATUS_BYTES = 128
@@ -108,3 +112,44 @@ def decode_header(header):
     shape = tuple(int(v) for v in fields[3:3 + ndim])
     dtype = np.dtype(bytes(header[96:]).rstrip(b"\0").decode())
     return tag, shape, dtype, nbytes
+
+
+def attach(name, create=False, size=0):
+    """Open shared-memory segment `name` (create=True: make it, `size` bytes) and map it.
+
+    Not through multiprocessing's SharedMemory: before Python 3.13 it registers every segment
+    it opens with the resource tracker, which the ranks share and which keeps a *set* of names,
+    so two ranks mapping one segment unbalance it (one unregister drops the name, a second one
+    prints a KeyError), and turning registration off meant patching the module under every
+    thread of the process. The launcher, which outlives every rank, unlinks a run's segments
+    itself, even after a rank was killed.
+    """
+    if create and not size > 0:
+        raise ValueError(f"a new shared-memory segment needs size > 0 bytes, got {size!r}")
+    path = f"/{name}"
+    fd = _posixshmem.shm_open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0),
+                              mode=0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, os.fstat(fd).st_size)
+    except OSError:
+        if create:
+            _posixshmem.shm_unlink(path)
+        raise
+    finally:
+        os.close(fd)  # the mapping keeps the memory
+    return Segment(name, mapping)
+
+
+class Segment:
+    """A mapped shared-memory segment: `buf` (a memoryview of it), `size`, and close()."""
+
+    def __init__(self, name, mapping):
+        self.name, self.size, self._mapping = name, len(mapping), mapping
+        self.buf = memoryview(mapping)
+
+    def close(self):
+        """Unmap (BufferError while an array still views `buf`); unlinking is the launcher's."""
+        self.buf.release()
+        self._mapping.close()

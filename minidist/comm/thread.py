@@ -16,9 +16,14 @@ from minidist.comm.communicator import Communicator, deadline_error
 from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
 
+STOP_GRACE = 1.0  # seconds the launcher waits for aborted ranks to stop before it returns
 
-class Aborted(Exception):
-    """Raised in ranks blocked on a message when another rank failed."""
+
+class Aborted(BaseException):
+    """The run's cancellation: raised in a rank's thread at its next send, recv or barrier (or
+    at once, if it is waiting in one) after a rank failed, the run timed out or the caller was
+    interrupted. Threads cannot be killed, so ranks stop here. A BaseException, as
+    KeyboardInterrupt is, so that an `except Exception` in user code cannot swallow it."""
 
 
 class ThreadWorld:
@@ -31,6 +36,7 @@ class ThreadWorld:
         self.status = ["starting"] * world_size
         self.aborted = False
         self.slots = [None] * world_size  # for the native all-reduce
+        self.calls = [[None] * world_size, [None] * world_size]  # see ThreadCommunicator._meet
         self.barrier = threading.Barrier(world_size)
 
     def abort(self):
@@ -47,30 +53,38 @@ class ThreadCommunicator(Communicator):
     def __init__(self, world, rank, timeout=60.0, debug=False):
         super().__init__(rank, world.world_size, timeout, debug)
         self.world = world
+        self.native_calls = 0
+        self._returned()
 
     def _set_status(self, text):
         self.world.status[self.rank] = text
 
-    def _transport_send(self, array, dst, tag):
+    def _check_aborted(self):
+        if self.world.aborted:
+            raise Aborted(f"rank {self.rank}: the run was aborted")
+
+    def _transport_send(self, array, dst, tag, call):
+        self._check_aborted()
         cond = self.world.conditions[dst]
         with cond:
-            self.world.mailboxes[dst][(self.rank, tag)].append(array.copy())
+            self.world.mailboxes[dst][(self.rank, tag)].append((array.copy(), call.raw))
             cond.notify_all()
 
     def _transport_recv(self, src, tag, timeout):
         cond, box = self.world.conditions[self.rank], self.world.mailboxes[self.rank]
         deadline = time.monotonic() + timeout
         with cond:
-            while not box[(src, tag)]:
-                if self.world.aborted:
-                    raise Aborted(f"rank {self.rank}: the run was aborted")
+            while True:
+                self._check_aborted()  # also when a message is waiting: a cancelled rank stops
+                if box[(src, tag)]:
+                    return box[(src, tag)].popleft()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise deadline_error(f"rank {self.rank}: recv from rank {src}", timeout)
                 cond.wait(left)
-            return box[(src, tag)].popleft()
 
     def _wait_all(self):
+        self._check_aborted()
         try:
             self.world.barrier.wait(self.timeout)
         except threading.BrokenBarrierError:
@@ -79,19 +93,27 @@ class ThreadCommunicator(Communicator):
             raise deadline_error(f"rank {self.rank}: {self._op} waiting for all ranks",
                                  self.timeout) from None
 
-    def _native_barrier(self):
+    def _meet(self):
+        """The first barrier of a native collective, which also checks that every rank made the
+        same call. Calls alternate between two lists, so a rank's next native call cannot
+        overwrite a call that a slower rank still reads (it must pass a barrier first)."""
+        calls, mine = self.world.calls[self.native_calls & 1], self._call
+        self.native_calls += 1
+        calls[self.rank] = mine
         self._wait_all()
+        if any(call.raw != mine.raw for call in calls):
+            raise CollectiveMismatchError.between(
+                self.rank, {r: call.text for r, call in enumerate(calls)})
+
+    def _native_barrier(self):
+        self._meet()
 
     def _native_all_reduce(self, array, op):
         """Every rank reduces its own chunk straight out of all ranks' arrays (no messages), then
         copies the other chunks from their owners. Three barriers keep the phases apart."""
         p, r, slots = self.world_size, self.rank, self.world.slots
         slots[r] = array.reshape(-1)
-        self._wait_all()
-        shapes = {(a.size, a.dtype) for a in slots}
-        if len(shapes) != 1:
-            raise CollectiveMismatchError(f"all_reduce: ranks passed different sizes/dtypes: "
-                                          f"{[(a.size, str(a.dtype)) for a in slots]}")
+        self._meet()
         bounds = [shard_bounds(array.size, c, p) for c in range(p)]
         lo, hi = bounds[r]
         ufunc = UFUNCS[op]
@@ -117,12 +139,8 @@ class ThreadCommunicator(Communicator):
     def _native_broadcast(self, array, src):
         """The root lends its array; every other rank copies it directly."""
         self.world.slots[self.rank] = array
-        self._wait_all()
+        self._meet()
         source = self.world.slots[src]
-        if source.shape != array.shape or source.dtype != array.dtype:
-            raise CollectiveMismatchError(f"broadcast: rank {src} has {source.dtype} "
-                                          f"{source.shape}, rank {self.rank} {array.dtype} "
-                                          f"{array.shape}")
         if self.rank != src:
             array[...] = source
         self._wait_all()
@@ -143,9 +161,12 @@ def run_threads(fn, world_size, args, kwargs, timeout, debug, threads=1):
 
 
 def _run_threads(fn, world_size, args, kwargs, timeout, debug, pool_threads):
+    """Wait until every rank returned, one failed, or `timeout` passed; then, however the wait
+    ended (Ctrl-C too), abort the world, so that every rank stops at its next communicator call,
+    and give the ranks a moment to do so."""
     world = ThreadWorld(world_size)
     results, failures, lock = [None] * world_size, [], threading.Lock()
-    snapshot = {}
+    snapshot, returned, ended = {}, set(), threading.Event()
 
     def main(rank):
         comm = ThreadCommunicator(world, rank, timeout, debug)
@@ -161,24 +182,34 @@ def _run_threads(fn, world_size, args, kwargs, timeout, debug, pool_threads):
                     snapshot.update(enumerate(world.status))
                 failures.append((rank, exc, traceback.format_exc()))
             world.abort()
+        with lock:
+            returned.add(rank)
+            if failures or len(returned) == world_size:
+                ended.set()
 
     threads = [threading.Thread(target=main, args=(r,), name=f"minidist-rank-{r}", daemon=True)
                for r in range(world_size)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    alive = [r for r, t in enumerate(threads) if t.is_alive()]
-    if failures:
-        rank, exc, tb = failures[0]
+    try:
+        for t in threads:
+            t.start()
+        ended.wait(timeout)
+        with lock:
+            unfinished = [r for r in range(world_size) if r not in returned]
+            pending = {r: world.status[r] for r in unfinished}
+            first = failures[0] if failures else None
+    finally:
+        world.abort()
+        grace = time.monotonic() + STOP_GRACE
+        for t in threads:
+            if t.ident is not None:
+                t.join(max(0.0, grace - time.monotonic()))
+    if first:
+        rank, exc, tb = first
         if isinstance(exc, CommTimeout):
             pending = {r: s for r, s in snapshot.items() if s != "finished"}
             raise CommTimeout(f"rank {rank} waited {timeout} s for a message", pending)
         raise remote_failure(rank, type(exc).__name__, str(exc), tb) from exc
-    if alive:
-        pending = {r: world.status[r] for r in alive}
-        world.abort()
-        raise CommTimeout(f"{len(alive)} of {world_size} ranks did not finish within "
+    if unfinished:
+        raise CommTimeout(f"{len(unfinished)} of {world_size} ranks did not finish within "
                           f"{timeout} s", pending)
     return results

@@ -19,7 +19,7 @@ messages).
 
 import numpy as np
 
-from minidist.comm.process import attach
+from minidist.comm.shm import attach
 from minidist.data import shard_bounds
 
 STATUS_BYTES = 128

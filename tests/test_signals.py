@@ -1,0 +1,172 @@
+"""Signals during a run: SIGTERM to the caller of a process-backend run (what a batch scheduler or
+a Jupyter kernel shutdown sends) and Ctrl-C during a thread-backend run must stop every rank and
+free every shared-memory segment, and leave the caller's signal handlers as they were."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidist import run
+
+JOB = '''
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from minidist import run
+
+out = Path(sys.argv[1])
+
+def publish(name, text):  # whole or not at all: the test polls for these files
+    (out / f"{name}.tmp").write_text(text)
+    os.replace(out / f"{name}.tmp", out / name)
+
+if sys.argv[2] == "handler":  # a handler of the job's own: it must still be called
+    def on_term(signum, frame):
+        publish("handled", "yes")
+        sys.exit(7)
+    signal.signal(signal.SIGTERM, on_term)
+
+def train_forever(comm):
+    publish(f"rank{comm.rank}.pid", str(os.getpid()))
+    comm.barrier()
+    if comm.rank == 0:
+        publish("ready", "every rank is training")
+    while True:
+        comm.all_reduce(np.ones(4))
+
+if __name__ == "__main__":  # spawn imports this file again in each rank
+    run(train_forever, 2, backend="process", timeout=120, start_method=sys.argv[3])
+'''
+
+
+def wait_for(path, proc, seconds):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"the job ended early with code {proc.returncode}"
+        assert time.monotonic() < deadline, f"{path.name} did not appear within {seconds} s"
+        time.sleep(0.02)
+
+
+def running(pid):
+    """True while `pid` exists and is not a zombie (a dead process nobody reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in "ZX"
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("previous, returncode, start_method", [
+    ("default", -signal.SIGTERM, "fork"), ("handler", 7, "fork"),
+    ("default", -signal.SIGTERM, "spawn"),
+])
+def test_sigterm_to_the_caller_stops_the_ranks_and_frees_shared_memory(
+        previous, returncode, start_method, tmp_path, fault_matrix):
+    (tmp_path / "job.py").write_text(JOB)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        job = subprocess.Popen([sys.executable, str(tmp_path / "job.py"), str(tmp_path),
+                                previous, start_method], stderr=stderr)
+    pids = []
+    try:
+        wait_for(tmp_path / "ready", job, 90)
+        pids = [int((tmp_path / f"rank{r}.pid").read_text()) for r in range(2)]
+        start = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == returncode, (tmp_path / "stderr.txt").read_text()
+        seconds = time.monotonic() - start
+        assert seconds < 20
+        assert [pid for pid in pids if running(pid)] == []  # reaped before the job exited
+        assert glob.glob(f"/dev/shm/md{job.pid}_*") == []  # the _ctl segment included
+        assert (tmp_path / "handled").exists() == (previous == "handler")
+        assert "leaked" not in (tmp_path / "stderr.txt").read_text()  # spawn's named semaphores
+    finally:
+        for pid in [job.pid, *pids]:  # whatever a failed assert left running
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        job.wait(10)
+        for path in glob.glob(f"/dev/shm/md{job.pid}_*"):
+            os.unlink(path)
+    handler, outcome = ("the default", "the job ends by SIGTERM") if previous == "default" \
+        else ("its own", "the job's own handler runs (sys.exit(7))")
+    fault_matrix.record(f"SIGTERM to the caller ({handler} SIGTERM handler, {start_method}) "
+                        "while 2 ranks train",
+                        "process", f"{outcome} after every rank is stopped and reaped; no "
+                        "/dev/shm segment left", seconds)
+
+
+def test_the_sigterm_handler_is_set_only_while_a_run_is_in_progress(tmp_path,
+                                                                    leaves_nothing_behind):
+    before = signal.getsignal(signal.SIGTERM)
+    ready, go, seen = tmp_path / "ready", tmp_path / "go", []
+
+    def watch():  # the caller's handler while rank 0 waits (for at most 60 s) for "go"
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(signal.getsignal(signal.SIGTERM))
+        go.write_text("go")
+
+    def wait_for_go(comm):
+        if comm.rank == 0:
+            ready.write_text("ready")
+            deadline = time.monotonic() + 60
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        comm.barrier()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    run(wait_for_go, 2, backend="process", timeout=90)
+    watcher.join(60)
+    assert seen and seen[0] not in (before, signal.SIG_DFL, signal.SIG_IGN)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.fault
+def test_ctrl_c_stops_every_rank_thread(fault_matrix):
+    """Ranks 0 and 1 keep exchanging messages, rank 2 waits for one that never comes: Ctrl-C in
+    the caller must end all three threads, not only the caller's wait."""
+    before = set(threading.enumerate())
+    started, ended = threading.Semaphore(0), []
+
+    def train_or_wait(comm):
+        started.release()
+        try:
+            if comm.rank == 2:
+                comm.recv(0, tag=5, timeout=600)
+            while True:
+                comm.send(np.ones(8), 1 - comm.rank)
+                comm.recv(1 - comm.rank)
+        finally:
+            ended.append(comm.rank)
+
+    def interrupt():
+        if all(started.acquire(timeout=60) for _ in range(3)):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt)
+    helper.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run(train_or_wait, 3, backend="thread", timeout=120)
+    seconds = time.monotonic() - start
+    helper.join(10)
+    deadline = time.monotonic() + 20
+    while (ranks := [t.name for t in set(threading.enumerate()) - before
+                     if t.name.startswith("minidist-rank-")]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ranks == []
+    assert sorted(ended) == [0, 1, 2]  # rank 2's recv ended too
+    assert seconds < 30
+    fault_matrix.record("Ctrl-C (SIGINT) in the caller while 2 ranks exchange messages and one "
+                        "waits in recv", "thread", "KeyboardInterrupt; every rank thread ends, "
+                        "the one blocked in recv included", seconds)
