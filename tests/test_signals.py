@@ -170,3 +170,26 @@ def test_ctrl_c_stops_every_rank_thread(fault_matrix):
     fault_matrix.record("Ctrl-C (SIGINT) in the caller while 2 ranks exchange messages and one "
                         "waits in recv", "thread", "KeyboardInterrupt; every rank thread ends, "
                         "the one blocked in recv included", seconds)
+
+
+def test_a_rank_terminated_before_it_reset_the_handler_just_ends():
+    """A fork inherits the launcher's SIGTERM handler until _rank_main resets it, and _stop
+    terminates ranks that may have started a moment ago: in that window the rank must end by
+    SIGTERM, not unwind into the launcher's frames (it once joined its siblings from there:
+    'AssertionError: can only join a child process')."""
+    import functools
+
+    from minidist.comm.process_launcher import _unwind
+
+    previous = signal.signal(signal.SIGTERM, functools.partial(_unwind, os.getpid()))
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: as a rank just forked, the launcher's handler still set
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                os._exit(3)  # reached only if the handler returned or raised
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status

@@ -14,6 +14,7 @@ Whatever happens, the other ranks are killed, and every shared-memory segment of
 and on SIGTERM, which unwinds it the same way and is then delivered again (run_processes).
 """
 
+import functools
 import glob
 import multiprocessing as mp
 import os
@@ -70,7 +71,7 @@ def run_processes(fn, world_size, args, kwargs, timeout, debug, start_method=Non
     if threading.current_thread() is not threading.main_thread() or \
             previous in (signal.SIG_IGN, None):
         return _run_processes(*job)
-    signal.signal(signal.SIGTERM, _unwind)
+    signal.signal(signal.SIGTERM, functools.partial(_unwind, os.getpid()))
     try:
         return _run_processes(*job)
     except _Terminated:
@@ -87,7 +88,11 @@ class _Terminated(BaseException):
     Exception` may swallow it)."""
 
 
-def _unwind(signum, frame):
+def _unwind(launcher_pid, signum, frame):
+    if os.getpid() != launcher_pid:  # a rank forked a moment ago, before _rank_main reset the
+        signal.signal(signum, signal.SIG_DFL)  # handler (_stop terminates ranks just started):
+        os.kill(os.getpid(), signum)  # it ends as SIGTERM asks, never running the launcher's code
+        return
     signal.signal(signal.SIGTERM, lambda *_: None)  # a second SIGTERM must not cut cleanup short
     raise _Terminated
 
