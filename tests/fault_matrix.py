@@ -22,8 +22,9 @@ ORDER = ("thread", "process", "mpi", "any")  # "any": refused before a rank star
 
 
 def render(rows):
-    """One table per test function: a row per (fault, outcome), a column per backend holding
-    the seconds until the run failed (the slowest of its recorded runs), "—" where not run."""
+    """One table per test function: a row per (fault, outcome), a column per backend it ran on
+    holding the seconds until the run failed (the slowest of its recorded runs), "—" where the
+    fault was not run on that backend."""
     backends = sorted({r["backend"] for r in rows}, key=lambda b: (b not in ORDER, ORDER.index(b)
                                                                   if b in ORDER else 0, b))
     sections = {}
@@ -43,11 +44,12 @@ def render(rows):
              f"in {len(sections)} tests.", ""]
     for test, faults in sections.items():
         path, _, name = test.partition("::")
+        used = [b for b in backends if any(b in cells for cells in faults.values())]
         lines += [f"## {name.removeprefix('test_').replace('_', ' ')}", "", f"`{test}`", "",
-                  "| fault | outcome | " + " | ".join(backends) + " |",
-                  "|---|---|" + "---|" * len(backends)]
+                  "| fault | outcome | " + " | ".join(used) + " |",
+                  "|---|---|" + "---|" * len(used)]
         for (fault, outcome), cells in faults.items():
-            times = [f"{cells[b]:.2f}" if b in cells else "—" for b in backends]
+            times = [f"{cells[b]:.2f}" if b in cells else "—" for b in used]
             lines.append(f"| {_cell(fault)} | {_cell(outcome)} | " + " | ".join(times) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -51,8 +51,9 @@ def test_each_rank_limits_blas_threads_to_one(backend, leaves_nothing_behind):
     assert run(blas_threads, 1, backend=backend, threads_per_rank=2)[0][0] == min(2, os.cpu_count())
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("backend", ["thread", "process"])
-def test_a_raising_rank_stops_the_run_quickly(backend, leaves_nothing_behind):
+def test_a_raising_rank_stops_the_run_quickly(backend, leaves_nothing_behind, fault_matrix):
     def fails_on_rank_2(comm):
         if comm.rank == 2:
             raise KeyError("missing shard")
@@ -61,16 +62,20 @@ def test_a_raising_rank_stops_the_run_quickly(backend, leaves_nothing_behind):
     start = time.monotonic()
     with pytest.raises(WorkerError, match="rank 2 failed: KeyError") as info:
         run(fails_on_rank_2, 4, backend=backend, timeout=30)
-    assert time.monotonic() - start < 5
+    seconds = time.monotonic() - start
+    assert seconds < 5
     assert info.value.rank == 2 and info.value.exc_type == "KeyError"
     assert "fails_on_rank_2" in info.value.remote_traceback
+    fault_matrix.record("rank 2 of 4 raises KeyError while the others wait in all_reduce", backend,
+                        "WorkerError naming rank 2, the exception and its traceback", seconds)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("how, match", [
     (lambda: os._exit(3), "exited with code 3"),
     (lambda: os.kill(os.getpid(), signal.SIGKILL), "killed by signal SIGKILL"),
-])
-def test_a_dying_rank_is_named(how, match, leaves_nothing_behind):
+], ids=["exit3", "sigkill"])
+def test_a_dying_rank_is_named(how, match, leaves_nothing_behind, fault_matrix):
     def dies_on_rank_1(comm):
         if comm.rank == 1:
             how()
@@ -79,13 +84,18 @@ def test_a_dying_rank_is_named(how, match, leaves_nothing_behind):
     start = time.monotonic()
     with pytest.raises(WorkerError, match=f"rank 1 failed: .*{match}") as info:
         run(dies_on_rank_1, 3, backend="process", timeout=30)
-    assert time.monotonic() - start < 5
+    seconds = time.monotonic() - start
+    assert seconds < 5
     assert info.value.rank == 1
+    fault = "calls os._exit(3)" if "code 3" in match else "is killed by SIGKILL"
+    fault_matrix.record(f"rank 1 of 3 {fault} while the others wait in a barrier", "process",
+                        f"WorkerError naming rank 1: {match}", seconds)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("backend", ["thread", "process"])
-def test_a_rank_that_never_joins_times_out_naming_who_waits_where(backend,
-                                                                  leaves_nothing_behind):
+def test_a_rank_that_never_joins_times_out_naming_who_waits_where(backend, leaves_nothing_behind,
+                                                                  fault_matrix):
     def rank_1_skips(comm):
         if comm.rank != 1:
             comm.all_reduce(np.ones(3), algorithm="ring")
@@ -93,18 +103,25 @@ def test_a_rank_that_never_joins_times_out_naming_who_waits_where(backend,
     start = time.monotonic()
     with pytest.raises(CommTimeout, match=r"rank 0: all_reduce: recv from rank") as info:
         run(rank_1_skips, 3, backend=backend, timeout=2)
-    assert 1.5 < time.monotonic() - start < 8
+    seconds = time.monotonic() - start
+    assert 1.5 < seconds < 8
     assert isinstance(info.value, TimeoutError) and 1 not in info.value.pending
+    fault_matrix.record("rank 1 of 3 never joins a ring all_reduce (timeout=2 s)", backend,
+                        "CommTimeout naming ranks 0 and 2 and the recv each waits in", seconds)
 
 
-def test_a_stuck_rank_times_out(leaves_nothing_behind):
+@pytest.mark.fault
+def test_a_stuck_rank_times_out(leaves_nothing_behind, fault_matrix):
     def stuck(comm):
         if comm.rank == 0:
             time.sleep(60)
 
+    start = time.monotonic()
     with pytest.raises(CommTimeout, match="1 of 2 ranks did not finish within 1.5 s") as info:
         run(stuck, 2, backend="process", timeout=1.5)
     assert list(info.value.pending) == [0]
+    fault_matrix.record("rank 0 of 2 computes for 60 s (timeout=1.5 s)", "process",
+                        "CommTimeout naming rank 0, running user code", time.monotonic() - start)
 
 
 def test_results_come_back_in_rank_order_with_any_picklable_value(leaves_nothing_behind):

@@ -127,7 +127,7 @@ def test_a_mismatched_collective_fails_under_mpi(case, fault_matrix):
     seconds = time.monotonic() - start
     _check_names_both(str(caught.value), case)
     assert seconds < 30 + 15  # mpiexec's start-up, then an error, not the run's timeout
-    fault_matrix.record(f"ranks 0 and 1 disagree: {case}", "mpi",
+    fault_matrix.record(f"ranks 0 and 1 disagree: {case}", "mpi (run starts mpiexec)",
                         "CollectiveMismatchError naming ranks 0 and 1 and what each passed",
                         seconds)
 

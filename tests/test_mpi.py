@@ -208,6 +208,13 @@ def _misbehave(comm, how):
     return comm.all_reduce(np.ones(4), algorithm="native")
 
 
+MISBEHAVIOUR = {"raise": "rank 1 of 3 raises KeyError", "exit": "rank 1 of 3 calls os._exit(3)",
+                "kill": "rank 1 of 3 is killed by SIGKILL",
+                "shape": "rank 1 passes another shape to all_reduce",
+                "absent": "rank 1 of 3 skips an all_reduce (timeout=3 s)"}
+
+
+@pytest.mark.fault
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how, error, match", [
     ("raise", WorkerError, r"rank 1 failed: KeyError(.|\n)*--- traceback of rank 1(.|\n)*lost"),
@@ -216,24 +223,33 @@ def _misbehave(comm, how):
     ("shape", CollectiveMismatchError, "float64 array of shape"),
     ("absent", CommTimeout, r"rank [02]: all_reduce"),
 ])
-def test_failures_end_in_the_right_error(how, error, match, leaves_no_mpi_job_behind):
+def test_failures_end_in_the_right_error(how, error, match, leaves_no_mpi_job_behind,
+                                        fault_matrix):
     start = time.monotonic()
     with pytest.raises(error, match=match) as caught:
         run(_misbehave, 3, args=(how,), backend="mpi", timeout=3)
-    assert time.monotonic() - start < 3 + 10
+    seconds = time.monotonic() - start
+    assert seconds < 3 + 10
     if how == "raise":
         assert caught.value.rank == 1 and caught.value.exc_type == "KeyError"
     if how == "absent":
         assert set(caught.value.pending) == {0, 2}  # rank 1 returned; 0 and 2 were stuck in:
         assert "all_reduce" in " ".join(caught.value.pending.values())
+    fault_matrix.record(MISBEHAVIOUR[how], "mpi (run starts mpiexec)",
+                        f"{error.__name__} matching {match!r}", seconds)
 
 
+@pytest.mark.fault
 @pytest.mark.timeout(60)
-def test_a_rank_stuck_outside_minidist_is_killed_at_the_timeout(leaves_no_mpi_job_behind):
+def test_a_rank_stuck_outside_minidist_is_killed_at_the_timeout(leaves_no_mpi_job_behind,
+                                                                fault_matrix):
     start = time.monotonic()
     with pytest.raises(CommTimeout, match="did not finish within 1 s"):
         run(lambda comm: time.sleep(60), 2, backend="mpi", timeout=1)
-    assert time.monotonic() - start < 1 + 5
+    seconds = time.monotonic() - start
+    assert seconds < 1 + 5
+    fault_matrix.record("both ranks compute for 60 s (timeout=1 s)", "mpi (run starts mpiexec)",
+                        "CommTimeout; the ranks are killed", seconds)
 
 
 # ---- pieces that need no mpiexec -----------------------------------------------------------------
