@@ -1,25 +1,14 @@
 """The benchmarks' honesty rules: a crashed peer is retried once, then reported (never a
 traceback that loses the other peers' results); no fraction of the all-reduce limit above 1."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+from helpers import ROOT, load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(relative, name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-allreduce = _load("benchmarks/allreduce.py", "benchmark_allreduce")
+allreduce = load_file("benchmarks/allreduce.py", "benchmark_allreduce")
 
 # the benchmark as `python benchmarks/data_parallel.py ARGS`, with torch made unimportable
 WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "

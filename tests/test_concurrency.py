@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import rank_threads_left
 
 from minidist import CommTimeout, run
 
@@ -91,11 +92,7 @@ def test_after_a_comm_timeout_no_rank_thread_keeps_running(fault_matrix):
     assert "recv from rank 1" in info.value.pending[0]
     assert "send to rank 0" in info.value.pending[1]
     assert 1.5 < seconds < 30
-    deadline = time.monotonic() + 20
-    while (ranks := [t.name for t in set(threading.enumerate()) - before
-                     if t.name.startswith("minidist-rank-")]) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert ranks == []
+    assert rank_threads_left(before) == []
     assert sorted(ended) == [0, 1, 2]  # rank 2's recv ended too
     fault_matrix.record("ranks 0 and 2 wait for messages rank 1 never sends, while rank 1 "
                         "keeps sending others", "thread", "CommTimeout naming each rank's "

@@ -1,23 +1,12 @@
 """The docs site's generated pages: the benchmark tables (benchmarks/report.py) and the lists of
 lessons and API modules (docs/hooks/site.py). `make docs` builds the whole site, strictly."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load("benchmarks/report.py", "benchmark_report")
+report = load_file("benchmarks/report.py", "benchmark_report")
 
 MAKEFILE = """bench-toy: $(VENV)/.bench  ## a toy
 \t$(BIN)/python benchmarks/toy.py
@@ -85,7 +74,7 @@ def test_every_committed_result_renders():
 
 def test_the_site_lists_every_lesson_and_public_module():
     pytest.importorskip("mkdocs")
-    site = _load("docs/hooks/site.py", "docs_site_hooks")
+    site = load_file("docs/hooks/site.py", "docs_site_hooks")
     modules = site._modules()
     assert {"minidist", "minidist.train", "minidist.comm", "minidist.comm.collectives"} \
         <= set(modules)

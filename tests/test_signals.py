@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import rank_threads_left
 
 from minidist import run
 
@@ -160,11 +161,7 @@ def test_ctrl_c_stops_every_rank_thread(fault_matrix):
         run(train_or_wait, 3, backend="thread", timeout=120)
     seconds = time.monotonic() - start
     helper.join(10)
-    deadline = time.monotonic() + 20
-    while (ranks := [t.name for t in set(threading.enumerate()) - before
-                     if t.name.startswith("minidist-rank-")]) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert ranks == []
+    assert rank_threads_left(before) == []
     assert sorted(ended) == [0, 1, 2]  # rank 2's recv ended too
     assert seconds < 30
     fault_matrix.record("Ctrl-C (SIGINT) in the caller while 2 ranks exchange messages and one "
