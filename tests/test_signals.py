@@ -43,8 +43,21 @@ def train_forever(comm):
     while True:
         comm.all_reduce(np.ones(4))
 
+def push_forever(client):  # a parameter-server worker
+    publish(f"rank{client.rank}.pid", str(os.getpid()))
+    client.pull()
+    if client.rank == 0:
+        publish("ready", "every worker is training")  # the other has pulled too: BSP
+    while True:
+        client.push(np.ones(client.n))
+        client.pull()
+
 if __name__ == "__main__":  # spawn imports this file again in each rank
-    run(train_forever, 2, backend="process", timeout=120, start_method=sys.argv[3])
+    if sys.argv[4] == "ps":
+        from minidist import ps
+        ps.run(push_forever, 2, np.zeros(8), timeout=120, start_method=sys.argv[3])
+    else:
+        run(train_forever, 2, backend="process", timeout=120, start_method=sys.argv[3])
 '''
 
 
@@ -66,16 +79,16 @@ def running(pid):
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("previous, returncode, start_method", [
-    ("default", -signal.SIGTERM, "fork"), ("handler", 7, "fork"),
-    ("default", -signal.SIGTERM, "spawn"),
+@pytest.mark.parametrize("previous, returncode, start_method, launcher", [
+    ("default", -signal.SIGTERM, "fork", "run"), ("handler", 7, "fork", "run"),
+    ("default", -signal.SIGTERM, "spawn", "run"), ("default", -signal.SIGTERM, "fork", "ps"),
 ])
 def test_sigterm_to_the_caller_stops_the_ranks_and_frees_shared_memory(
-        previous, returncode, start_method, tmp_path, fault_matrix):
+        previous, returncode, start_method, launcher, tmp_path, fault_matrix):
     (tmp_path / "job.py").write_text(JOB)
     with open(tmp_path / "stderr.txt", "w") as stderr:
         job = subprocess.Popen([sys.executable, str(tmp_path / "job.py"), str(tmp_path),
-                                previous, start_method], stderr=stderr)
+                                previous, start_method, launcher], stderr=stderr)
     pids = []
     try:
         wait_for(tmp_path / "ready", job, 90)
@@ -98,10 +111,10 @@ def test_sigterm_to_the_caller_stops_the_ranks_and_frees_shared_memory(
             os.unlink(path)
     handler, outcome = ("the default", "the job ends by SIGTERM") if previous == "default" \
         else ("its own", "the job's own handler runs (sys.exit(7))")
+    what = "2 ranks train" if launcher == "run" else "a parameter server and 2 workers train"
     fault_matrix.record(f"SIGTERM to the caller ({handler} SIGTERM handler, {start_method}) "
-                        "while 2 ranks train",
-                        "process", f"{outcome} after every rank is stopped and reaped; no "
-                        "/dev/shm segment left", seconds)
+                        f"while {what}", "process", f"{outcome} after every process is stopped "
+                        "and reaped; no /dev/shm segment left", seconds)
 
 
 def test_the_sigterm_handler_is_set_only_while_a_run_is_in_progress(tmp_path,
@@ -154,13 +167,19 @@ def test_ctrl_c_stops_every_rank_thread(fault_matrix):
         if all(started.acquire(timeout=60) for _ in range(3)):
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
+    # Python's own Ctrl-C handler, as in a terminal or a Jupyter kernel: a process started in
+    # the background by a non-interactive shell (a CI runner) inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     helper = threading.Thread(target=interrupt)
-    helper.start()
-    start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run(train_or_wait, 3, backend="thread", timeout=120)
-    seconds = time.monotonic() - start
-    helper.join(10)
+    try:
+        helper.start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run(train_or_wait, 3, backend="thread", timeout=120)
+        seconds = time.monotonic() - start
+        helper.join(10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rank_threads_left(before) == []
     assert sorted(ended) == [0, 1, 2]  # rank 2's recv ended too
     assert seconds < 30

@@ -59,28 +59,35 @@ def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, sp
 
 
 def run_processes(fn, world_size, args, kwargs, timeout, debug, start_method=None, threads=1):
-    """Run fn(comm, *args, **kwargs) in `world_size` processes; results in rank order.
+    """Run fn(comm, *args, **kwargs) in `world_size` processes; results in rank order (with
+    SIGTERM unwinding the run: `unwinding_on_sigterm`)."""
+    return unwinding_on_sigterm(functools.partial(
+        _run_processes, fn, world_size, args, kwargs, timeout, debug, start_method, threads))
 
-    While it runs, SIGTERM unwinds it as Ctrl-C does, so the ranks are stopped and the segments
-    unlinked; then SIGTERM goes again to the handler it had before: by default the process ends
-    by SIGTERM, as the sender asked. Only the main thread may set a handler: in other threads,
-    or where SIGTERM is ignored or handled outside Python, SIGTERM keeps its handler.
+
+def unwinding_on_sigterm(launch):
+    """launch(), a run that starts processes and stops them in its `finally`.
+
+    While it runs, SIGTERM unwinds it as Ctrl-C does, so the children are stopped and the
+    segments unlinked; then SIGTERM goes again to the handler it had before: by default the
+    process ends by SIGTERM, as the sender asked. Only the main thread may set a handler: in
+    other threads, or where SIGTERM is ignored or handled outside Python, SIGTERM keeps its
+    handler.
     """
-    job = (fn, world_size, args, kwargs, timeout, debug, start_method, threads)
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or \
             previous in (signal.SIG_IGN, None):
-        return _run_processes(*job)
+        return launch()
     signal.signal(signal.SIGTERM, functools.partial(_unwind, os.getpid()))
     try:
-        return _run_processes(*job)
+        return launch()
     except _Terminated:
         pass  # leaving this block frees the run's frames: spawn's named semaphores unlink now
     finally:
         signal.signal(signal.SIGTERM, previous)
     signal.raise_signal(signal.SIGTERM)  # the default action ends the process right here
-    raise RuntimeError("the run was stopped by SIGTERM (its ranks were stopped and its shared "
-                       "memory freed)")  # reached only if the previous handler returned
+    raise RuntimeError("the run was stopped by SIGTERM (its processes were stopped and its "
+                       "shared memory freed)")  # reached only if the previous handler returned
 
 
 class _Terminated(BaseException):
@@ -89,9 +96,9 @@ class _Terminated(BaseException):
 
 
 def _unwind(launcher_pid, signum, frame):
-    if os.getpid() != launcher_pid:  # a rank forked a moment ago, before _rank_main reset the
-        signal.signal(signum, signal.SIG_DFL)  # handler (_stop terminates ranks just started):
-        os.kill(os.getpid(), signum)  # it ends as SIGTERM asks, never running the launcher's code
+    if os.getpid() != launcher_pid:  # a child forked with the launcher's handler (a rank before
+        signal.signal(signum, signal.SIG_DFL)  # _rank_main resets it, a parameter server or
+        os.kill(os.getpid(), signum)  # worker): it ends as SIGTERM asks, not in launcher code
         return
     signal.signal(signal.SIGTERM, lambda *_: None)  # a second SIGTERM must not cut cleanup short
     raise _Terminated

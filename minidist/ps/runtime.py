@@ -29,7 +29,7 @@ from multiprocessing.connection import wait
 import cloudpickle
 import numpy as np
 
-from minidist.comm.process_launcher import _died, _stop
+from minidist.comm.process_launcher import _died, _stop, unwinding_on_sigterm
 from minidist.data import is_integer
 from minidist.errors import CommTimeout, ServerError, failure_report, remote_failure
 from minidist.ps import checkpoint, shards
@@ -73,6 +73,16 @@ def run(worker_fn, workers, params, optimizer="sgd", lr=0.1, optimizer_options=N
     smallest clock over the shards, so a few gradients may be applied twice)."""
     params, slow = _check(worker_fn, workers, params, consistency, staleness, num_servers,
                           slow_workers, timeout, checkpoint_dir, checkpoint_every, resume)
+    return unwinding_on_sigterm(lambda: _run(
+        worker_fn, workers, params, optimizer, lr, optimizer_options, consistency, staleness,
+        num_servers, slow, elastic, timeout, checkpoint_dir, checkpoint_every, resume, args,
+        start_method, threads))
+
+
+def _run(worker_fn, workers, params, optimizer, lr, optimizer_options, consistency, staleness,
+         num_servers, slow, elastic, timeout, checkpoint_dir, checkpoint_every, resume, args,
+         start_method, threads):
+    """run() after its checks: start the servers and workers, supervise, stop them all."""
     resume_version = None
     if resume:
         resume_version = checkpoint.latest(checkpoint_dir, num_servers)
