@@ -49,9 +49,13 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
     if check:
         check(strategy_options)
     X, y = data.check_training_data(X, y)
-    classes = _classes(model_fn(), X)
-    if classes is not None:
-        data.check_labels(y, classes)
+    output = _classifier_output(model_fn(), X)
+    if output is not None:
+        data.check_labels(y, output[-1])
+        if y.shape[1:] != output[1:-1]:
+            raise ValueError(f"y must hold one class label per output of the model: shape "
+                             f"(N{''.join(f', {n}' for n in output[1:-1])}) for X of shape "
+                             f"{X.shape}, got {y.shape}")
     if batch_size > len(X):
         raise ValueError(f"batch_size={batch_size} exceeds the {len(X)} training rows")
     if strategy in job_checks:
@@ -126,8 +130,9 @@ def _check_types(prefix, defaults, values):
                             f"got {value!r}")
 
 
-def _classes(model, X):
-    """k for a softmax classifier (the width of its output), else None (any targets)."""
+def _classifier_output(model, X):
+    """The shape of a softmax classifier's output for one row, (1, k) or (1, T, k) for a
+    language model; None for other models (any targets)."""
     if not isinstance(getattr(model, "criterion", None), nn.SoftmaxCrossEntropy):
         return None
-    return kernels.to_host(model.forward(X[:1])).shape[-1]
+    return kernels.to_host(model.forward(X[:1])).shape

@@ -136,13 +136,16 @@ def check_training_data(X, y):
 
 
 def check_labels(y, classes):
-    """y must be integer class labels in [0, classes); the first one that is not is named."""
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise TypeError(f"y must be a 1-D array of integer class labels in [0, {classes}) for "
-                        f"this classifier, got {y.dtype} of shape {y.shape}")
-    bad = np.flatnonzero((y < 0) | (y >= classes))
+    """y must be integer class labels in [0, classes): one per row, or one per position of a
+    sequence, (N, T) for a language model; the first one that is not is named."""
+    if y.ndim < 1 or y.dtype.kind not in "iu":
+        raise TypeError(f"y must hold integer class labels in [0, {classes}) for this "
+                        f"classifier, got {y.dtype} of shape {y.shape}")
+    bad = np.argwhere((y < 0) | (y >= classes))
     if len(bad):
-        raise ValueError(f"y[{bad[0]}] = {y[bad[0]]} (row {bad[0]}) is not a class label: the "
+        where = tuple(int(i) for i in bad[0])
+        index = ", ".join(map(str, where))
+        raise ValueError(f"y[{index}] = {y[where]} (row {where[0]}) is not a class label: the "
                          f"model has {classes} classes, so y must lie in [0, {classes})")
 
 

@@ -67,7 +67,7 @@ BAD_DATA = {  # fault -> (model_fn, X, y, error, match)
     "negative label": (MODEL, X, _with(Y, 3, -1), ValueError,
                        r"y\[3\] = -1 \(row 3\) is not a class label"),
     "float labels for a classifier": (MODEL, X, Y.astype(float), TypeError,
-                                      r"y must be a 1-D array of integer class labels in "
+                                      r"y must hold integer class labels in "
                                       r"\[0, 4\) for this classifier, got float64"),
     "NaN target of a regression": (_regression, X, _with(X[:, 0], ROW, np.nan), ValueError,
                                    rf"y must be finite: y\[{ROW}\] \(row {ROW}\) is nan"),
