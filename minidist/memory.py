@@ -18,17 +18,26 @@ KEYS = ("params", "grads", "optimizer", "activations", "peak")
 
 
 def array_bytes(*values):
-    """Σ nbytes of the arrays in `values` (arrays, or lists, tuples and dicts of them; other
-    values count 0)."""
-    total = 0
+    """Bytes held by the arrays in `values` (arrays, or lists, tuples and dicts of them; other
+    values count 0). A view holds its whole base alive, so it counts as its base, and an array
+    reached twice (a layer's output kept by the next layer as its input) counts once."""
+    return sum(_roots(values, {}).values())
+
+
+def _roots(values, seen):
+    """{id: nbytes} of the base arrays behind `values`, added to `seen`."""
     for value in values:
-        if isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__"):
-            total += int(value.nbytes)
+        if isinstance(value, np.ndarray):
+            while isinstance(value.base, np.ndarray):
+                value = value.base
+            seen[id(value)] = int(value.nbytes)
+        elif hasattr(value, "__cuda_array_interface__"):
+            seen[id(value)] = int(value.nbytes)
         elif isinstance(value, (list, tuple)):
-            total += array_bytes(*value)
+            _roots(value, seen)
         elif isinstance(value, dict):
-            total += array_bytes(*value.values())
-    return total
+            _roots(value.values(), seen)
+    return seen
 
 
 def optimizer_bytes(optimizer):
@@ -38,17 +47,20 @@ def optimizer_bytes(optimizer):
 
 def activation_bytes(parts):
     """Bytes that `parts` (layers, a loss) keep for their backward right now: every array
-    attribute, through the sublayers of composite layers. The `params` and `grads` dicts are
-    views of the flat buffers, not activations, and are skipped."""
-    total = 0
+    attribute, through the sublayers of composite layers, each base array once. The `params`
+    and `grads` dicts are views of the flat buffers, not activations, and are skipped."""
+    return sum(_activations(parts, {}).values())
+
+
+def _activations(parts, seen):
     for part in parts:
         if part is None:
             continue
-        total += sum(array_bytes(value) for name, value in vars(part).items()
-                     if name not in ("params", "grads") and not hasattr(value, "sublayers"))
+        _roots([value for name, value in vars(part).items()
+                if name not in ("params", "grads")], seen)
         if hasattr(part, "sublayers"):
-            total += activation_bytes(part.sublayers())
-    return total
+            _activations(part.sublayers(), seen)
+    return seen
 
 
 class Ledger:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minidist import data, optim
+from minidist import data, memory, optim
 from minidist.trace import Trace
 
 
@@ -54,13 +54,16 @@ EVENTS = {"all_reduce": "all_reduce", "send": "send", "recv": "recv", "step": "o
 
 
 class Clock:
-    """Per-step wall, compute and communication seconds on this rank, and its timeline
-    (`trace`: every timed call becomes an event named by `event=` or after the function)."""
+    """Per-step wall, compute and communication seconds on this rank, its timeline (`trace`:
+    every timed call becomes an event named by `event=` or after the function) and its memory
+    (`ledger`: the worker says what it holds with ledger.hold; forward_backward records the
+    activations)."""
 
     def __init__(self, steps):
         self.compute, self.comm, self.step = np.zeros(steps), np.zeros(steps), np.zeros(steps)
         self.t, self.started = 0, 0.0
         self.trace = Trace()
+        self.ledger = memory.Ledger()
 
     def begin(self, t):
         self.t, self.started = t, time.perf_counter()
@@ -82,6 +85,7 @@ class Clock:
     def forward_backward(self, model, X, y):
         """model.loss_and_grad(X, y) as two timed events, forward (with the loss) and backward."""
         loss = self.timed("compute", model.loss, X, y, event="forward")
+        self.ledger.saw(memory.activation_bytes([*model.layers, model.criterion]))
         self.timed("compute", model.backward, event="backward")
         return loss
 
@@ -95,4 +99,5 @@ def report(comm, params, weighted_losses, clock):
     losses = comm.all_reduce(np.array(weighted_losses, dtype=np.float64), algorithm="ring")
     return {"params": params.copy(), "loss": losses, "step_time": clock.step,
             "compute_time": clock.compute, "comm_time": clock.comm,
-            "bytes_sent": bytes_sent, "stats": stats, "events": clock.trace.with_idle()}
+            "bytes_sent": bytes_sent, "stats": stats, "events": clock.trace.with_idle(),
+            "memory": clock.ledger.as_dict()}
