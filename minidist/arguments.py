@@ -8,14 +8,16 @@ import numpy as np
 
 from minidist import data, kernels, nn, optim
 from minidist.launch import BACKENDS
+from minidist.precision import HALF, PRECISIONS, resolve
 
 
 def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, backend, steps,
                     batch_size, lr, optimizer, seed, optimizer_options, progress, timeout,
-                    strategy_options):
+                    strategy_options, precision, loss_scale):
     """A TypeError or ValueError naming train()'s first bad argument (and what it may be),
-    before anything runs; returns X and y as arrays and the optimizer options as a dict.
-    strategies: train's {name: (worker, defaults, check)}; job_checks: {name: check}."""
+    before anything runs; returns X and y as arrays, the optimizer options as a dict and the
+    precision's name. strategies: train's {name: (worker, defaults, check)}; job_checks:
+    {name: check}."""
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable (it builds the model), got {model_fn!r}")
     if not isinstance(strategy, str) or strategy not in strategies:
@@ -48,8 +50,10 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
     _check_types("", defaults, strategy_options)
     if check:
         check(strategy_options)
+    model = model_fn()
+    precision = _check_precision(precision, loss_scale, model, strategy, strategy_options)
     X, y = data.check_training_data(X, y)
-    output = _classifier_output(model_fn(), X)
+    output = _classifier_output(model, X)
     if output is not None:
         data.check_labels(y, output[-1])
         if y.shape[1:] != output[1:-1]:
@@ -60,7 +64,42 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
         raise ValueError(f"batch_size={batch_size} exceeds the {len(X)} training rows")
     if strategy in job_checks:
         job_checks[strategy](model_fn, workers, batch_size, strategy_options)
-    return X, y, optimizer_options
+    return X, y, optimizer_options, precision
+
+
+def _check_precision(precision, loss_scale, model, strategy, options):
+    """The precision's name (None: the model's own), if the model and the strategy can run it;
+    loss_scale a finite number > 0."""
+    names = ", ".join(PRECISIONS)
+    if precision is not None and (not isinstance(precision, str) or precision not in PRECISIONS):
+        raise ValueError(f"unknown precision {precision!r}; allowed: {names}, or None (the "
+                         "model's own dtype)")
+    if not _is_number(loss_scale):
+        raise TypeError(f"loss_scale must be a number > 0, got {loss_scale!r}")
+    if not 0 < loss_scale < np.inf:
+        raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
+    dtype = np.dtype(getattr(model, "dtype", np.float64))
+    if precision is None:
+        return resolve(None, dtype)
+    needs = np.dtype(np.float64 if precision == "fp64" else np.float32)
+    if dtype != needs:
+        why = " (fp16/bf16 keep fp32 master weights)" if precision in HALF else ""
+        raise ValueError(f"precision={precision!r} needs a {needs} model{why}; model_fn builds "
+                         f"a {dtype} one: build the model with dtype=np.{needs}")
+    if precision not in HALF:
+        return precision
+    if strategy not in ("single", "data_parallel"):
+        raise ValueError(f"precision={precision!r} runs with strategy 'single' or "
+                         f"'data_parallel' only, not {strategy!r}")
+    if not isinstance(model, nn.Sequential) or model.device != "numpy":
+        raise ValueError(f"precision={precision!r} needs a minidist.nn.Sequential model on "
+                         f"the numpy device, got {type(model).__name__} on "
+                         f"{getattr(model, 'device', 'unknown')!r}")
+    if strategy == "data_parallel":
+        if options.get("compression") is not None or options.get("local_steps", 1) > 1:
+            raise ValueError(f"precision={precision!r} with data_parallel does not combine with "
+                             "compression or local_steps > 1 (they run at full precision)")
+    return precision
 
 
 def _is_number(value):

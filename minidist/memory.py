@@ -14,23 +14,24 @@ al.'s activations per layer).
 
 import numpy as np
 
+from minidist.data import check_integer
+
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
 
 
 def array_bytes(*values):
     """Bytes held by the arrays in `values` (arrays, or lists, tuples and dicts of them; other
-    values count 0). A view holds its whole base alive, so it counts as its base, and an array
-    reached twice (a layer's output kept by the next layer as its input) counts once."""
+    values count 0). An array reached twice counts once, and so does a view that spans the same
+    bytes (a layer's output kept by the next layer as its input, maybe reshaped). A view counts
+    its own bytes: a micro-batch sliced from a batch is the micro-batch's size."""
     return sum(_roots(values, {}).values())
 
 
 def _roots(values, seen):
-    """{id: nbytes} of the base arrays behind `values`, added to `seen`."""
+    """{(address, nbytes): nbytes} of the arrays in `values`, added to `seen`."""
     for value in values:
         if isinstance(value, np.ndarray):
-            while isinstance(value.base, np.ndarray):
-                value = value.base
-            seen[id(value)] = int(value.nbytes)
+            seen[(value.__array_interface__["data"][0], value.nbytes)] = int(value.nbytes)
         elif hasattr(value, "__cuda_array_interface__"):
             seen[id(value)] = int(value.nbytes)
         elif isinstance(value, (list, tuple)):
@@ -47,8 +48,8 @@ def optimizer_bytes(optimizer):
 
 def activation_bytes(parts):
     """Bytes that `parts` (layers, a loss) keep for their backward right now: every array
-    attribute, through the sublayers of composite layers, each base array once. The `params`
-    and `grads` dicts are views of the flat buffers, not activations, and are skipped."""
+    attribute, through the sublayers of composite layers, each array once (array_bytes). The
+    `params` and `grads` dicts are views of the flat buffers, not activations, and are skipped."""
     return sum(_activations(parts, {}).values())
 
 
@@ -89,3 +90,93 @@ class Ledger:
     def as_dict(self):
         """{params, grads, optimizer, activations, peak}: integer bytes."""
         return {key: int(getattr(self, key)) for key in KEYS}
+
+
+# ---- the formulas the ledger is compared with ------------------------------------------------
+
+# (precision, optimizer) -> bytes per parameter of (params, grads, optimizer state): ZeRO
+# (Rajbhandari et al. 2020, §3.1). Mixed precision keeps 16-bit θ and ∇ and, as optimizer
+# state, the fp32 master θ with SGD's velocity or Adam's m and v (K = 8 or 12).
+MODEL_STATES = {
+    ("fp64", "sgd"): (8, 8, 8), ("fp64", "adam"): (8, 8, 16),
+    ("fp32", "sgd"): (4, 4, 4), ("fp32", "adam"): (4, 4, 8),
+    ("fp16", "sgd"): (2, 2, 8), ("fp16", "adam"): (2, 2, 12),
+    ("bf16", "sgd"): (2, 2, 8), ("bf16", "adam"): (2, 2, 12),
+}
+
+
+def model_state_bytes(num_params, precision="fp64", optimizer="sgd", emulated=False):
+    """{params, grads, optimizer}: bytes of the model states of Ψ = num_params parameters.
+
+    ZeRO (Rajbhandari et al. 2020): (b_θ + b_∇ + b_opt)·Ψ with fp64 SGD (momentum) 8 + 8 + 8,
+    Adam 8 + 8 + 16; fp32 4 + 4 + 4 / 4 + 4 + 8; mixed precision (fp16 or bf16) 2 + 2 + 8 /
+    2 + 2 + 12: the fp32 master θ is optimizer state. minidist's SGD keeps its velocity even
+    with momentum 0. emulated=True: what minidist's numpy emulation of fp16/bf16 holds instead:
+    the 16-bit working copy of θ lives in an fp32 buffer (its values rounded to 16 bits) beside
+    the fp32 master, both counted as params (4 + 4), the gradients in fp32 (4), the optimizer
+    state in fp32 (4 per state array): 8 + 4 + 4 / 8 + 4 + 8.
+    """
+    if (precision, optimizer) not in MODEL_STATES:
+        raise ValueError(f"model_state_bytes: unknown precision/optimizer {precision!r}/"
+                         f"{optimizer!r}; allowed precisions: fp64, fp32, fp16, bf16; "
+                         "optimizers: sgd, adam")
+    per = MODEL_STATES[(precision, optimizer)]
+    if emulated and precision in ("fp16", "bf16"):
+        per = (4 + 4, 4, per[2] - 4)  # the master moves from optimizer state to params
+    psi = _count("num_params", num_params)
+    return dict(zip(("params", "grads", "optimizer"), (b * psi for b in per), strict=True))
+
+
+def transformer_activation_bytes(s, b, h, a, L, bytes_per_value=2, dropout=True,
+                                 recompute=False):
+    """Bytes a transformer's L layers keep for backward (Korthikanti et al. 2022, §4):
+    sequence s, micro-batch b, hidden h, a heads.
+
+    Per layer, at 2 bytes a value and 1-byte dropout masks: s·b·h·(34 + 5·a·s/h), i.e.
+    16·sbh + 2·as²b values (the softmax output and its dropout) + 2·sbh + as²b mask bytes.
+    Without dropout (no masks; the softmax output serves its backward and P·V):
+    16·sbh + as²b values, 32·sbh + 2·as²b bytes. Full recomputation keeps each layer's
+    input only: sbh values (2·sbh bytes). Embedding, final LayerNorm, head and loss are not in it.
+    """
+    s, b, h, a, L = (_count(name, v) for name, v in zip("sbhaL", (s, b, h, a, L), strict=True))
+    if recompute:
+        per_layer = bytes_per_value * s * b * h
+    elif dropout:
+        per_layer = bytes_per_value * (16 * s * b * h + 2 * a * s * s * b) + (
+            2 * s * b * h + a * s * s * b)
+    else:
+        per_layer = bytes_per_value * (16 * s * b * h + a * s * s * b)
+    return L * per_layer
+
+
+def mlp_activation_bytes(batch, sizes, activation="relu", itemsize=8, label_itemsize=8,
+                         fused=True):
+    """Bytes an mlp(sizes) with softmax cross-entropy keeps between its forward and backward
+    for a batch of n rows, exactly (minidist.nn's layers):
+
+        n·(d_0 + … + d_{L−1})·itemsize    each Linear's input (an activation's output is the
+                                          next Linear's input: one array, counted once)
+      + n·d_L·itemsize + n·label_itemsize the loss's probabilities and labels
+
+    fused=False (a ModelShard runs its layers one by one, without Sequential's fused
+    Linear + activation): each ReLU also keeps its input, + n·(d_1 + … + d_{L−1})·itemsize
+    (a Tanh keeps its output, the next Linear's input: nothing more).
+    """
+    if activation not in ("relu", "tanh"):
+        raise ValueError(f"mlp_activation_bytes: activation must be 'relu' or 'tanh', "
+                         f"got {activation!r}")
+    n = _count("batch", batch)
+    sizes = [_count("sizes", d) for d in sizes]
+    if len(sizes) < 2:
+        raise ValueError(f"mlp_activation_bytes: sizes needs an input and an output width, "
+                         f"got {sizes}")
+    values = sum(sizes)  # d_0 … d_{L−1} (Linear inputs) and d_L (probabilities)
+    if not fused and activation == "relu":
+        values += sum(sizes[1:-1])
+    return n * values * itemsize + n * label_itemsize
+
+
+def _count(name, value):
+    """`value` as an int >= 0 (data.check_integer's TypeError or ValueError names `name`)."""
+    check_integer(name, value, minimum=0)
+    return int(value)

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minidist import data, kernels, optim
+from minidist import data, kernels, memory, optim
 from minidist.arguments import check_arguments
 from minidist.parallel import data_parallel, distributed_gd, hybrid, pipeline, tensor_parallel
 from minidist.parallel.job import Job
+from minidist.precision import MixedPrecision
 from minidist.ps import training as parameter_server
 
 # strategy -> (the function each rank runs, its options with defaults, their validator)
@@ -36,9 +37,15 @@ JOB_CHECKS = {"tensor_parallel": hybrid.check_tensor_parallel,
 class History:
     """What a training run leaves behind: final parameters and per-step measurements.
 
-    loss: the global-batch mean loss per step. step_time, compute_time, comm_time: rank 0's
-    seconds per step. bytes_sent: each rank's payload bytes over the training (stats: the same
-    per operation: bytes, messages, calls, seconds).
+    params: the final parameters (fp16/bf16: the fp32 master weights). loss: the global-batch
+    mean loss per step (unscaled; a skipped step's too). step_time, compute_time, comm_time:
+    rank 0's seconds per step. bytes_sent: each rank's payload bytes over the training (stats:
+    the same per operation: bytes, messages, calls, seconds). precision: "fp64", "fp32", "fp16"
+    or "bf16"; loss_scale: the loss scale S each step used (1 but for fp16); skipped_steps: the
+    steps fp16 skipped for an inf or NaN gradient. memory: per rank, the bytes it held
+    (minidist.memory.Ledger.as_dict: params, grads, optimizer, activations, peak);
+    parameter_server: one dict per worker, in rank order ({} for a worker that died), and the
+    servers' shards in ps["server_memory"].
     """
 
     strategy: str
@@ -57,6 +64,10 @@ class History:
     ps: dict = field(default_factory=dict)  # gradient; parameter_server's waits, bytes, events
     events: list = field(default_factory=list)  # per rank: (name, start, end, step, micro)
     details: list = field(default_factory=list)  # per rank: what the strategy measured
+    precision: str = "fp64"
+    loss_scale: np.ndarray = field(default_factory=lambda: np.ones(0))
+    skipped_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    memory: list = field(default_factory=list)
 
     def model(self):
         """A fresh model holding the final parameters."""
@@ -95,24 +106,30 @@ class History:
 
 def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps=100,
           batch_size=64, lr=0.1, optimizer="sgd", seed=0, optimizer_options=None,
-          progress=False, timeout=600.0, **strategy_options):
+          progress=False, timeout=600.0, precision=None, loss_scale=2.0**16,
+          **strategy_options):
     """Train model_fn() on (X, y) for `steps` steps of `batch_size` samples with `strategy`.
 
     lr is a number or a schedule (minidist.optim.linear_warmup); optimizer_options go to the
     optimizer (momentum, weight_decay for "sgd"; betas, eps for "adam"). backend and timeout
-    apply to the multi-rank strategies (see minidist.launch.run). Every argument and the data
+    apply to the multi-rank strategies (see minidist.launch.run). precision: "fp64", "fp32",
+    "fp16" or "bf16" (None: the model's dtype); fp16 and bf16 (strategy "single" or
+    "data_parallel", a float32 model) compute in 16 bits over fp32 master weights, fp16 with
+    dynamic loss scaling from loss_scale (minidist.precision). Every argument and the data
     are checked before any step runs; a run that diverges raises, naming the step.
     """
-    X, y, optimizer_options = check_arguments(
+    X, y, optimizer_options, precision = check_arguments(
         STRATEGIES, JOB_CHECKS, model_fn, X, y, strategy, workers, backend, steps, batch_size,
-        lr, optimizer, seed, optimizer_options, progress, timeout, strategy_options)
+        lr, optimizer, seed, optimizer_options, progress, timeout, strategy_options, precision,
+        loss_scale)
     if strategy == "single":
         history = _train_single(model_fn, X, y, steps, batch_size, lr, optimizer,
-                                optimizer_options, seed, progress)
+                                optimizer_options, seed, progress, precision, loss_scale)
     else:
         history = _train_ranks(model_fn, X, y, strategy, workers, backend, steps, batch_size,
                                lr, optimizer, optimizer_options, seed, progress, timeout,
-                               strategy_options)
+                               strategy_options, precision, loss_scale)
+    history.precision = precision
     if not np.all(np.isfinite(history.params)):
         raise ValueError(f"the parameters became non-finite in the last step ({steps - 1}, "
                          f"lr={lr}); training diverged: try a smaller learning rate")
@@ -120,14 +137,20 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
 
 
 def _train_ranks(model_fn, X, y, strategy, workers, backend, steps, batch_size, lr, optimizer,
-                 optimizer_options, seed, progress, timeout, strategy_options):
+                 optimizer_options, seed, progress, timeout, strategy_options, precision,
+                 loss_scale):
     from minidist.launch import run
 
     worker, defaults, _ = STRATEGIES[strategy]
+    options = dict(strategy_options)
+    if strategy == "data_parallel":  # the one multi-rank strategy with 16-bit precision
+        options.update(precision=precision, loss_scale=loss_scale)
     job = Job(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
-              dict(strategy_options), progress=f"{strategy} ×{workers}" if progress else "")
+              options, progress=f"{strategy} ×{workers}" if progress else "")
     if strategy == "parameter_server":
-        return parameter_server.train_parameter_server(job, workers, backend, timeout)
+        history = parameter_server.train_parameter_server(job, workers, backend, timeout)
+        history.loss_scale = np.ones(steps)
+        return history
     ranks = run(worker, workers, args=(job,), backend=backend, timeout=timeout)
     first = ranks[0]
     _check_finite(first["loss"], lr)
@@ -137,7 +160,10 @@ def _train_ranks(model_fn, X, y, strategy, workers, backend, steps, batch_size, 
                    bytes_sent=[r["bytes_sent"] for r in ranks], backend=backend,
                    options={**defaults, **strategy_options}, stats=[r["stats"] for r in ranks],
                    events=[r.get("events", []) for r in ranks],
-                   details=[r.get("details", {}) for r in ranks])
+                   details=[r.get("details", {}) for r in ranks],
+                   loss_scale=first.get("loss_scale", np.ones(steps)),
+                   skipped_steps=first.get("skipped_steps", np.zeros(0, np.int64)),
+                   memory=[r.get("memory", {}) for r in ranks])
 
 
 def _check_finite(losses, lr, first_step=0):
@@ -150,10 +176,14 @@ def _check_finite(losses, lr, first_step=0):
 
 
 def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
-                  progress):
+                  progress, precision, loss_scale):
     """The reference: one process, the whole global batch each step."""
     model = model_fn()
-    opt = optim.make(optimizer, model.params, lr, **optimizer_options)
+    mixed = MixedPrecision(model, lambda params: optim.make(optimizer, params, lr,
+                                                            **optimizer_options),
+                           precision, loss_scale)
+    ledger = memory.Ledger()
+    mixed.hold(ledger)
     batches = data.step_batches(len(X), batch_size, steps, seed)
     if progress:
         from tqdm.auto import tqdm
@@ -162,11 +192,15 @@ def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_op
     loss, step_time = np.zeros(steps), np.zeros(steps)
     for t, idx in enumerate(batches):
         start = time.perf_counter()
-        loss[t] = model.loss_and_grad(X[idx], y[idx])
-        _check_finite(loss[t:t + 1], opt.lr, first_step=t)
-        opt.step(model.grads)
+        with mixed.errstate():
+            loss[t] = model.loss(X[idx], y[idx])
+            ledger.saw(memory.activation_bytes([*model.layers, model.criterion]))
+            model.backward()
+        _check_finite(loss[t:t + 1], mixed.optimizer.lr, first_step=t)
+        mixed.step(model.grads)
         step_time[t] = time.perf_counter() - start
     return History(strategy="single", workers=1, model_fn=model_fn,
-                   params=kernels.to_host(model.params),
+                   params=kernels.to_host(mixed.params),
                    loss=loss, step_time=step_time, compute_time=step_time.copy(),
-                   comm_time=np.zeros(steps), bytes_sent=[0])
+                   comm_time=np.zeros(steps), bytes_sent=[0], memory=[ledger.as_dict()],
+                   **mixed.record())

@@ -17,6 +17,7 @@ native paths compare the calls' digests through shared memory (or MPI) before to
 import functools
 import time
 
+import ml_dtypes
 import numpy as np
 
 from minidist.comm import collectives
@@ -29,6 +30,22 @@ COLLECTIVE_TAG = TAG_LIMIT  # + the collective's sequence number mod 2^16
 FINGERPRINT_TAG = TAG_LIMIT + 2**20
 REDUCE_OPS = ("sum", "mean", "max", "min")
 ALGORITHMS = ("naive", "tree", "ring", "recursive_doubling", "native", "auto")
+def is_numeric(dtype):
+    """bool, integer, float or complex, or bfloat16 (ml_dtypes; numpy sees it as kind "V")."""
+    return dtype.kind in "biufc" or dtype == ml_dtypes.bfloat16
+
+
+def wire_dtype(dtype):
+    """What a message header says about `dtype`: numpy's code ("<f8"), or "bfloat16", whose
+    code "<V2" would not say what the two bytes are."""
+    return "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.str
+
+
+def dtype_from_wire(code):
+    """The dtype of wire_dtype's string (numpy knows "bfloat16" once ml_dtypes is imported)."""
+    return np.dtype(code)
+
+
 def check_buffer(array, what):
     """A collective's buffer must be a C-contiguous numeric numpy array."""
     if not isinstance(array, np.ndarray):
@@ -36,7 +53,7 @@ def check_buffer(array, what):
     if not array.flags.c_contiguous:
         raise ValueError(f"{what} needs a C-contiguous array, got one with strides "
                          f"{array.strides}; pass np.ascontiguousarray(x)")
-    if array.dtype.kind not in "biufc":
+    if not is_numeric(array.dtype):
         raise ValueError(f"{what} needs a numeric dtype, got {array.dtype}")
     return array
 

@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from minidist.comm import collectives
 from minidist.comm.calls import CALL_BYTES, NO_CALL, Call
-from minidist.comm.communicator import Communicator, deadline_error
+from minidist.comm.communicator import Communicator, deadline_error, dtype_from_wire, wire_dtype
 from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
 
 MPI = None  # mpi4py.MPI, imported on first use: importing it starts MPI in this process
@@ -83,7 +83,7 @@ def _pack(array, wire, call=NO_CALL):
     buf = np.empty(start + array.nbytes, dtype=np.uint8)
     head = buf[:8 * words].view(np.int64)
     head[:] = (wire, array.ndim, 0, *array.shape) + (0,) * (words - HEAD - array.ndim)
-    head[2:3].view("S8")[0] = array.dtype.str.encode()
+    head[2:3].view("S8")[0] = wire_dtype(array.dtype).encode()
     buf[8 * words:start] = call.wire
     buf[start:] = array.reshape(-1).view(np.uint8)
     return buf
@@ -95,7 +95,7 @@ def _unpack(buf):
     words = HEAD + ndim + (HEAD + ndim) % 2
     start = 8 * words + CALL_BYTES
     head = buf[:8 * words].view(np.int64)
-    dtype = np.dtype(head[2:3].view("S8")[0].decode())
+    dtype = dtype_from_wire(head[2:3].view("S8")[0].decode())
     array = buf[start:].view(dtype).reshape(tuple(head[HEAD:HEAD + ndim]))
     return int(head[0]), array, buf[8 * words:start].tobytes()
 

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from minidist.comm.communicator import dtype_from_wire, wire_dtype
+
 STATUS_BYTES = 128
 LINE = 64  # bytes per flag / publish record: one cache line, so ranks do not share lines
 SMALL = 64 * 1024
@@ -100,7 +102,7 @@ def encode_header(wire_tag, array):
     fields = header[:96].view(np.int64)
     fields[:3] = wire_tag, array.ndim, array.nbytes
     fields[3:3 + array.ndim] = array.shape
-    dtype = array.dtype.str.encode()
+    dtype = wire_dtype(array.dtype).encode()
     header[96:96 + len(dtype)] = np.frombuffer(dtype, dtype=np.uint8)
     return header
 
@@ -110,7 +112,7 @@ def decode_header(header):
     fields = header[:96].view(np.int64)
     tag, ndim, nbytes = (int(v) for v in fields[:3])
     shape = tuple(int(v) for v in fields[3:3 + ndim])
-    dtype = np.dtype(bytes(header[96:]).rstrip(b"\0").decode())
+    dtype = dtype_from_wire(bytes(header[96:]).rstrip(b"\0").decode())
     return tag, shape, dtype, nbytes
 
 

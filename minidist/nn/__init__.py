@@ -3,14 +3,18 @@
     layers       Layer, Linear, ReLU, Tanh
     losses       MSELoss, SoftmaxCrossEntropy
     model        Sequential and the builders mlp, linear_regression, logistic_regression
-    transformer  Embedding, LayerNorm, GELU, CausalSelfAttention, Block and the builder gpt
+    attention    CausalSelfAttention
+    transformer  Embedding, LayerNorm, GELU, Block, GPT and the builder gpt
 """
 
+from minidist.nn.attention import CausalSelfAttention
 from minidist.nn.layers import Layer, Linear, ReLU, Tanh
 from minidist.nn.losses import MSELoss, SoftmaxCrossEntropy
 from minidist.nn.model import Sequential, linear_regression, logistic_regression, mlp
+from minidist.nn.transformer import GELU, GPT, Block, Embedding, LayerNorm, gpt
 
 __all__ = [
-    "Layer", "Linear", "MSELoss", "ReLU", "Sequential", "SoftmaxCrossEntropy", "Tanh",
-    "linear_regression", "logistic_regression", "mlp",
+    "GELU", "GPT", "Block", "CausalSelfAttention", "Embedding", "Layer", "LayerNorm", "Linear",
+    "MSELoss", "ReLU", "Sequential", "SoftmaxCrossEntropy", "Tanh",
+    "gpt", "linear_regression", "logistic_regression", "mlp",
 ]

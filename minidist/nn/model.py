@@ -27,7 +27,13 @@ class Sequential:
 
     device: "numpy" or "cuda" (default: the one `kernels.use` selected). On "cuda" the buffers
     are initialised on the host (same values as on numpy) and copied to the device once.
+    precision: None, or mixed precision's hooks (minidist.precision.Rounding), called at every
+    layer boundary: forward stores what the layers keep in 16 bits and rounds what passes on;
+    backward restores a layer's arrays before its backward, starts from the scaled loss
+    gradient and rounds each activation gradient.
     """
+
+    precision = None
 
     def __init__(self, layers, loss, seed=0, dtype=np.float64, device=None):
         self.layers, self.criterion = list(layers), loss
@@ -105,24 +111,31 @@ class Sequential:
         A Linear followed by ReLU or Tanh runs as one op, act(XW + b): on a GPU the bias add and
         the activation share one pass over memory (numpy computes the same numbers either way).
         """
-        i, layers = 0, self.layers
+        i, layers, hooks = 0, self.layers, self.precision
+        if hooks is not None:
+            X = hooks.forward_boundary((), X)
         while i < len(layers):
             layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             if type(layer) is Linear and type(after) in (ReLU, Tanh):
                 X = after.keep_fused_output(layer.forward(X, activation=after.name))
-                i += 2
+                ran = layers[i:i + 2]
             else:
-                X = layer.forward(X)
-                i += 1
+                X, ran = layer.forward(X), layers[i:i + 1]
+            i += len(ran)
+            if hooks is not None:
+                X = hooks.forward_boundary(ran, X)
         return X
 
     def loss(self, X, y):
         """Mean loss over the batch, without touching `grads`."""
-        return self.criterion.forward(self.forward(X), y)
+        loss = self.criterion.forward(self.forward(X), y)
+        if self.precision is not None:
+            self.precision.forward_boundary((self.criterion,), None)
+        return loss
 
     def loss_and_grad(self, X, y):
         """Mean loss over the batch; overwrites `grads` with its gradient."""
-        loss = self.criterion.forward(self.forward(X), y)
+        loss = self.loss(X, y)
         self.backward()
         return loss
 
@@ -130,9 +143,12 @@ class Sequential:
         """After `loss(X, y)`: overwrite `grads` with the gradient of that loss; with
         input_grad, also return ∂L/∂X (skipped otherwise: for a first Linear layer it costs
         as much as ∂W)."""
-        d = self.criterion.backward()
+        hooks = self.precision
+        d = self.criterion.backward() if hooks is None else hooks.loss_gradient(self.criterion)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
+            if hooks is not None:
+                d = hooks.backward_boundary(layer, d)
             if i == 0 and not input_grad and isinstance(layer, Linear):
                 layer.param_grads(d)
                 return None

@@ -7,6 +7,11 @@ buffer bucket by bucket (`bucket_bytes`: a large model does not wait for one hug
 and every replica takes the same optimizer step. To send less (top-k with error feedback,
 QSGD, local SGD: the `compression`, `compress_ratio`, `qsgd_levels`, `error_feedback` and
 `local_steps` options), see minidist.parallel.compression.
+
+Mixed precision (job.options "precision" and "loss_scale", from train; minidist.precision):
+with fp16 each rank writes its weighted, loss-scaled gradient into a 16-bit shared buffer and
+the all-reduce sums in 16 bits, sending half of fp32's bytes. Every rank then holds the same
+reduced buffer, so all see the same inf or NaN and skip the same steps.
 """
 
 import numpy as np
@@ -14,6 +19,7 @@ import numpy as np
 from minidist.data import check_integer, shard_bounds
 from minidist.parallel import compression
 from minidist.parallel.job import Clock, report
+from minidist.precision import LOSS_SCALE, MixedPrecision
 
 OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto", **compression.OPTIONS}
 
@@ -42,41 +48,44 @@ def worker(comm, job):
     options = {**OPTIONS, **job.options}
     model = job.model_fn()
     comm.broadcast(model.params, src=0)
-    optimizer = job.make_optimizer(model.params)
-    synced = comm.alloc(model.grads.shape, model.grads.dtype)  # shared: no copy-in to reduce
-    slices = buckets(model.num_params, model.grads.itemsize, options["bucket_bytes"])
+    mixed = MixedPrecision(model, job.make_optimizer, options.get("precision"),
+                           options.get("loss_scale", LOSS_SCALE))
+    synced = comm.alloc(model.grads.shape, mixed.grad_dtype)  # shared: no copy-in to reduce
+    slices = buckets(model.num_params, synced.itemsize, options["bucket_bytes"])
     compressed = compression.make_all_reduce(options, model.num_params, comm.rank, job.seed)
     clock, weighted_losses = Clock(job.steps), []
-    for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
-        clock.begin(t)
-        loss, first = 0.0, True
-        for part in range(options["accumulate"]):  # micro-batches, summed before one sync
-            start, stop = shard_bounds(len(rows), part, options["accumulate"])
-            if stop > start:
-                micro = rows[start:stop]
-                share = weight * len(micro) / len(rows)  # of the global batch
-                loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
-                clock.timed("compute", _accumulate, synced, model.grads, share, first,
-                            event="backward")
-                first = False
-        if first:  # an empty shard: this rank adds nothing
-            synced[...] = 0.0
-        weighted_losses.append(loss)
-        if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
-            clock.timed("compute", optimizer.step, synced / weight)
-            if (t + 1) % options["local_steps"] == 0 or t + 1 == job.steps:
-                clock.timed("comm", compression.average_parameters, comm, model.params, weight,
-                            event="all_reduce")
-        else:
-            if compressed is not None:
-                compressed(comm, synced, clock)
+    mixed.hold(clock.ledger, synced)
+    with mixed.errstate():  # fp16: an overflow is expected (S too large), and skipped
+        for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
+            clock.begin(t)
+            loss, first = 0.0, True
+            for part in range(options["accumulate"]):  # micro-batches, summed before one sync
+                start, stop = shard_bounds(len(rows), part, options["accumulate"])
+                if stop > start:
+                    micro = rows[start:stop]
+                    share = weight * len(micro) / len(rows)  # of the global batch
+                    loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
+                    clock.timed("compute", _accumulate, synced, model.grads, share, first,
+                                event="backward")
+                    first = False
+            if first:  # an empty shard: this rank adds nothing
+                synced[...] = 0.0
+            weighted_losses.append(loss)
+            if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
+                clock.timed("compute", mixed.step, synced / weight)
+                if (t + 1) % options["local_steps"] == 0 or t + 1 == job.steps:
+                    clock.timed("comm", compression.average_parameters, comm, model.params, weight,
+                                event="all_reduce")
             else:
-                for bucket in slices:
-                    clock.timed("comm", comm.all_reduce, synced[bucket], "sum",
-                                options["algorithm"])
-            clock.timed("compute", optimizer.step, synced)
-        clock.end()
-    return report(comm, model.params, weighted_losses, clock)
+                if compressed is not None:
+                    compressed(comm, synced, clock)
+                else:
+                    for bucket in slices:
+                        clock.timed("comm", comm.all_reduce, synced[bucket], "sum",
+                                    options["algorithm"])
+                clock.timed("compute", mixed.step, synced)
+            clock.end()
+    return {**report(comm, mixed.params, weighted_losses, clock), **mixed.record()}
 
 
 def _accumulate(total, grads, share, first):

@@ -9,10 +9,15 @@
     7. repeat until done
 
 Rank 0 is a worker too (its part of the data) and the only rank that holds an optimizer.
+
+Memory: every rank holds the model's θ and ∇ and `grad`, the weighted gradient it sends (on
+rank 0, where the gradients are summed): params Ψ, grads 2Ψ values; rank 0 adds the optimizer
+state. The received arrays are temporaries of one call, outside the ledger.
 """
 
 import numpy as np
 
+from minidist import memory
 from minidist.parallel.job import Clock, report
 
 
@@ -20,15 +25,19 @@ def worker(comm, job):
     model = job.model_fn()
     server = comm.rank == 0
     optimizer = job.make_optimizer(model.params) if server else None
+    grad = np.empty_like(model.grads)  # what I send; on rank 0, the sum of everyone's
     clock, weighted_losses = Clock(job.steps), []
+    clock.ledger.hold(params=memory.array_bytes(model.params),
+                      grads=memory.array_bytes(model.grads, grad),
+                      optimizer=memory.optimizer_bytes(optimizer))
     for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
         clock.begin(t)
-        grad = np.zeros_like(model.grads)
         if len(rows):  # step 2: the gradient of my part, weighted by its share of the batch
             loss = clock.forward_backward(model, job.X[rows], job.y[rows])
-            grad = model.grads * weight
+            np.multiply(model.grads, weight, out=grad)
             weighted_losses.append(loss * weight)
         else:
+            grad[...] = 0.0
             weighted_losses.append(0.0)
         if server:
             for k in range(1, comm.world_size):  # steps 3-4: collect and combine

@@ -10,10 +10,18 @@ tensor-parallel stages, and the ranks that hold the same part of the model all-r
 gradients (each weighted by |B_d|/|B|) over `dp` before the optimizer step.
 
 strategy="tensor_parallel" is Topology(1, t, 1), "pipeline" Topology(1, 1, p): one engine.
+
+Memory (the rank's "memory"): params and grads of its ModelShard, plus run_batch's `total`
+(the sum of the micro-batch gradients, as long as the shard's) as grads; the optimizer over
+the shard; activations: the most bytes the stashed micro-batches held at once (pipeline.run_batch).
+`shard.index` (where each element lives in the full buffer) is bookkeeping, not in the ledger.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from minidist import memory
 from minidist.data import check_integer, shard_bounds
 from minidist.parallel import pipeline, tensor_parallel
 from minidist.parallel.job import Clock, report
@@ -100,21 +108,25 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
                        options["algorithm"])
     del model
     optimizer = job.make_optimizer(shard.params)
+    total = np.zeros_like(shard.grads)  # run_batch sums the micro-batches' gradients here
+    clock.ledger.hold(params=memory.array_bytes(shard.params),
+                      grads=memory.array_bytes(shard.grads, total),
+                      optimizer=memory.optimizer_bytes(optimizer))
     comm.stats.reset()  # count the training's traffic, not the set-up's
     last_stage = here["pp"] == topology.pp - 1
     for t, batch in enumerate(job.global_batches(comm.rank)):
         clock.begin(t)
         a, b = shard_bounds(len(batch), here["dp"], topology.dp)
         rows = batch[a:b]
-        loss, peak, peak_bytes = pipeline.run_batch(
-            shard, groups["pp"] if topology.pp > 1 else None, job.X[rows], job.y[rows],
-            (b - a) / len(batch), options["micro_batches"], options["schedule"], clock)
+        loss, peak = pipeline.run_batch(
+            shard, groups["pp"] if topology.pp > 1 else None, job.X, job.y, rows,
+            (b - a) / len(batch), options["micro_batches"], options["schedule"], clock, total)
         if topology.dp > 1:
             clock.timed("comm", groups["dp"].all_reduce, shard.grads, "sum",
                         options["algorithm"])
         clock.trace.timed("optimizer", optimizer.step, shard.grads)
         losses.append(loss if last_stage and here["tp"] == 0 else 0.0)  # report() sums them
-        peaks.append((peak, peak_bytes))
+        peaks.append(peak)
         clock.end()
     clock.compute = clock.step - clock.comm
     _merge_stats(comm, groups.values())
@@ -122,8 +134,8 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
     out["params"] = gather_params(comm, shard)
     out["details"] = {**here, "layers": (start, stop), "shard": repr(shard),
                       "param_bytes": shard.params.nbytes,
-                      "peak_activations": max(p for p, _ in peaks),
-                      "peak_activation_bytes": max(b for _, b in peaks)}
+                      "peak_activations": max(peaks),
+                      "peak_activation_bytes": clock.ledger.activations}
     return out
 
 

@@ -121,28 +121,36 @@ def check_options(options):
                          f"{', '.join(SCHEDULES)}")
 
 
-def run_batch(shard, comm, X, y, weight, micro_batches, schedule, clock):
-    """One batch through the pipeline on this stage: leaves the weighted sum of the
-    micro-batches' gradients in shard.grads and returns Σ_j (|B_j|/|B|)·weight·L_j (0 on all
-    but the last stage) and the peak number of micro-batches whose activations were held."""
+def run_batch(shard, comm, X, y, rows, weight, micro_batches, schedule, clock, total):
+    """One batch, rows `rows` of (X, y), through the pipeline on this stage: leaves the
+    weighted sum of the micro-batches' gradients in shard.grads (summed in `total`, a buffer
+    shaped like it) and returns Σ_j (|B_j|/|B|)·weight·L_j (0 on all but the last stage) and
+    the peak number of micro-batches whose activations were held.
+
+    Micro-batch j is rows[shard_bounds(|rows|, j, m)], gathered from X and y when it starts, so
+    a stage holds only the micro-batches in flight. Each time the stash grows, clock.ledger
+    sees the bytes held at once: Σ over the stashed micro-batches of the arrays their saved
+    states keep (forwards make new arrays, so no two micro-batches share one).
+    """
     stage, stages = (0, 1) if comm is None else (comm.rank, comm.world_size)
     first, last = stage == 0, stage == stages - 1
-    trace, total = clock.trace, np.zeros_like(shard.grads)
-    stash, loss, peak, peak_bytes = {}, 0.0, 0, 0
+    trace, stash, loss, peak = clock.trace, {}, 0.0, 0
+    total[...] = 0.0
     for op, j in schedule_ops(schedule, stage, stages, micro_batches):
-        start, stop = shard_bounds(len(X), j, micro_batches)
-        share = weight * (stop - start) / len(X)
+        start, stop = shard_bounds(len(rows), j, micro_batches)
+        share = weight * (stop - start) / len(rows)
         trace.micro = j
         if op == "F":
-            inputs = X[start:stop] if first else clock.timed("comm", comm.recv, stage - 1, j)
+            inputs = (X[rows[start:stop]] if first
+                      else clock.timed("comm", comm.recv, stage - 1, j))
             if last:
-                loss += share * trace.timed("forward", shard.loss, inputs, y[start:stop])
+                loss += share * trace.timed("forward", shard.loss, inputs, y[rows[start:stop]])
             else:
                 out = trace.timed("forward", shard.forward, inputs)
                 clock.timed("comm", comm.send, out, stage + 1, j)
             stash[j] = shard.save()
+            clock.ledger.saw(sum(map(activation_bytes, stash.values())))
             peak = max(peak, len(stash))
-            peak_bytes = max(peak_bytes, sum(map(activation_bytes, stash.values())))
         else:
             shard.restore(stash.pop(j))
             d_out = (share * shard.criterion.backward() if last
@@ -152,7 +160,7 @@ def run_batch(shard, comm, X, y, weight, micro_batches, schedule, clock):
                 clock.timed("comm", comm.send, np.ascontiguousarray(d_in), stage - 1, j)
     trace.micro = -1
     shard.grads[...] = total
-    return loss, peak, peak_bytes
+    return loss, peak
 
 
 def _backward_and_add(shard, d_out, total):

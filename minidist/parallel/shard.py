@@ -6,8 +6,11 @@ parameters are put back together at the end (`gather_params`) with one rule for 
 full[index] = local. Elements that several ranks hold (replicas) must agree.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 
+from minidist import memory
 from minidist.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, plan
 
 
@@ -87,20 +90,28 @@ class ModelShard:
             d = layer.backward(d)
         return d
 
+    def _parts(self):
+        """The local layers, their sublayers (a transformer block's parts) and the loss."""
+        def walk(parts):
+            for part in parts:
+                yield part
+                yield from walk(part.sublayers() if hasattr(part, "sublayers") else [])
+        return list(walk(self.layers + ([self.criterion] if self.criterion else [])))
+
     def save(self):
-        """The cached activations of the last forward (references; forward makes new arrays)."""
-        parts = self.layers + ([self.criterion] if self.criterion else [])
-        return [dict(vars(part)) for part in parts]
+        """The cached activations of the last forward, of every layer and sublayer (references:
+        forward makes new arrays)."""
+        return [dict(vars(part)) for part in self._parts()]
 
     def restore(self, state):
-        parts = self.layers + ([self.criterion] if self.criterion else [])
-        for part, saved in zip(parts, state, strict=True):
+        for part, saved in zip(self._parts(), state, strict=True):
             vars(part).update(saved)
 
 
 def activation_bytes(state):
-    """Bytes of the activation arrays in a save() state (parameters are held in dicts)."""
-    return sum(v.nbytes for saved in state for v in saved.values() if isinstance(v, np.ndarray))
+    """Bytes of the activations in a save() state: minidist.memory.activation_bytes of the
+    saved parts (each base array once; the parameter and gradient views are not counted)."""
+    return memory.activation_bytes([SimpleNamespace(**saved) for saved in state])
 
 
 def gather_params(comm, shard, tag=2**29):

@@ -158,8 +158,14 @@ def plan(layers, start=0, stop=None):
 
 
 def check_split(layers, t, start=0, stop=None):
-    """Raise a ValueError naming the first layer whose width does not divide by t."""
+    """Raise a ValueError naming the first layer whose width does not divide by t, or, for
+    t > 1, the first composite layer (a transformer block): its heads cannot be split yet."""
     for i, kind in plan(layers, start, stop):
+        if t > 1 and layers[i].sublayers():
+            raise ValueError(f"layer {i} {layers[i]!r} is a transformer block: tensor "
+                             f"parallelism over attention heads is not built yet, so the "
+                             f"model's blocks cannot be split over tp={t} ranks (use tp=1: "
+                             f"data parallelism or a pipeline)")
         width = {"column": "d_out", "row": "d_in"}.get(kind)
         if width and getattr(layers[i], width) % t:
             raise ValueError(f"layer {i} {layers[i]!r} has {getattr(layers[i], width)} "

@@ -24,7 +24,8 @@ from minidist.ps.shards import Control, ShardMemory
 
 class PSClient:
     """rank, world_size, n (parameters), clock (gradients pushed so far, a resumed run's
-    included), stats, server_pids."""
+    included), stats, server_pids, server_memory (per shard, the bytes its server holds:
+    ShardServer.memory_bytes, sent with its hello)."""
 
     def __init__(self, rank, world_size, prefix, bounds, dtype, conns, timeout, slow_factor=1.0,
                  start_time=None):
@@ -50,6 +51,7 @@ class PSClient:
             for conn in conns:
                 conn.send(("clock", self.clock))
         self.server_pids = [h[3] for h in hellos]
+        self.server_memory = [h[4] for h in hellos]
 
     def pull(self, out=None):
         """The current parameters (into `out` if given, else a new array)."""

@@ -3,7 +3,8 @@
 Messages are small tuples over one pipe per worker; parameters and gradients go through the
 shard's shared memory (minidist.ps.shards), never through the pipe.
 
-    worker -> server   ("hello",)           reply ("hello", clock_w, version, server pid)
+    worker -> server   ("hello",)           reply ("hello", clock_w, version, server pid,
+                                            the shard's memory: see ShardServer.memory_bytes)
                        ("pull", c)          reply ("params", version, c_min) once allowed; the
                                             worker copies θ_j out of shared memory, then
                        ("release",)         says so: until every reader has, θ_j is not written
@@ -31,6 +32,7 @@ import numpy as np
 
 from minidist import optim
 from minidist.kernels import cpu_fused
+from minidist.memory import Ledger, array_bytes, optimizer_bytes
 from minidist.ps import checkpoint
 from minidist.ps.consistency import applies_at_once, may_serve_pull
 from minidist.ps.shards import ShardMemory
@@ -71,7 +73,8 @@ class ShardServer:
         kind = message[0]
         if kind == "hello":
             self.pulled_version[w] = self.version
-            self.conns[w].send(("hello", int(self.clocks[w]), self.version, os.getpid()))
+            self.conns[w].send(("hello", int(self.clocks[w]), self.version, os.getpid(),
+                                self.memory_bytes()))
         elif kind == "pull":
             self.waiting[w] = message[1]
         elif kind == "release":
@@ -157,6 +160,17 @@ class ShardServer:
         if every and self.version % every == 0:
             checkpoint.save(self.config["checkpoint_dir"], self.shard, self.version,
                             self.params, self.opt.state_dict(), self.clocks)
+
+    def memory_bytes(self):
+        """{params, grads, optimizer, activations, peak} bytes this shard holds, all of it
+        allocated when the server starts: θ_j (params); the W push slots and BSP's sum
+        (grads: θ_j and the slots share one segment, so each row is counted by itself); the
+        optimizer's state. No activations: a server runs no model."""
+        ledger = Ledger()
+        ledger.hold(params=self.memory.params.nbytes,
+                    grads=self.memory.push.nbytes + array_bytes(self.sum),
+                    optimizer=optimizer_bytes(self.opt))
+        return ledger.as_dict()
 
     def records(self):
         return {"staleness": self.staleness, "pulls": self.pulls, "version": self.version,

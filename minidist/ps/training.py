@@ -4,6 +4,12 @@ Each worker repeats: pull θ, compute the gradient of its share of step t's glob
 push (|B_k|/|B|)·∇L_k. So the W pushes of one clock add up to the global-batch gradient:
 BSP applies their sum once (the same SGD as strategy="single"), ASP and SSP apply each push
 as it arrives, on parameters that may be a few updates old.
+
+Memory: History.memory has one dict per worker, in rank order ({} for a worker that died):
+its model's θ and ∇ and the weighted gradient it pushes (grads), no optimizer, its
+activations. The servers hold θ, the push slots and the optimizer state: per shard, in
+History.ps["server_memory"] (ShardServer.memory_bytes). The shared segments are counted
+there, once, not in every worker that maps them.
 """
 
 import functools
@@ -12,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from minidist import ps
+from minidist import memory, ps
 from minidist.data import check_integer
 from minidist.ps import checkpoint
 from minidist.ps import consistency as rules
@@ -59,19 +65,26 @@ def resume_step(job, workers, options):
 
 def worker(client, job):
     """One worker's training loop; returns ((step, |B_k|/|B|·L_k, |B_k|/|B|) per step it ran,
-    its timeline: pull as recv, forward, backward, push as send, and the idle gaps)."""
+    its timeline: pull as recv, forward, backward, push as send, and the idle gaps, its
+    memory, the servers' memory)."""
     model = job.model_fn()
-    rows_done, trace = [], Trace()
+    grad = np.empty_like(model.grads)  # |B_k|/|B|·∇L_k, what I push
+    rows_done, trace, ledger = [], Trace(), memory.Ledger()
+    ledger.hold(params=memory.array_bytes(model.params),
+                grads=memory.array_bytes(model.grads, grad))
     for t, (rows, weight) in enumerate(job.my_batches(client.rank, client.world_size)):
         if t < client.clock:  # a resumed run: these steps are in the checkpoint
             continue
         trace.step = t
         trace.timed("recv", functools.partial(client.pull, out=model.params))
         loss = trace.timed("forward", model.loss, job.X[rows], job.y[rows])
+        ledger.saw(memory.activation_bytes([*model.layers, model.criterion]))
         trace.timed("backward", model.backward)
-        trace.timed("send", client.push, model.grads * weight, weight)
+        np.multiply(model.grads, weight, out=grad)
+        trace.timed("send", client.push, grad, weight)
         rows_done.append((t, loss * weight, weight))
-    return np.array(rows_done, dtype=np.float64).reshape(-1, 3), trace.with_idle()
+    return (np.array(rows_done, dtype=np.float64).reshape(-1, 3), trace.with_idle(),
+            ledger.as_dict(), client.server_memory)
 
 
 def train_parameter_server(job, workers, backend, timeout):
@@ -113,13 +126,15 @@ def train_parameter_server(job, workers, backend, timeout):
         "bytes_pushed": [s and s["push"]["bytes_sent"] for s in stats],
         "bytes_pulled": [s and s["pull"]["bytes_received"] for s in stats],
         "applied": result.applied, "updates": result.updates, "pulls": result.pulls,
-        "log": result.log, "worker_loss": worker_loss, "start_step": start}
+        "log": result.log, "worker_loss": worker_loss, "start_step": start,
+        "server_memory": next(r[3] for r in result.results if r)}
     return History(strategy="parameter_server", workers=workers, model_fn=job.model_fn,
                    params=result.params, loss=loss, step_time=step_time,
                    compute_time=compute_time, comm_time=comm_time,
                    bytes_sent=summary["bytes_pushed"], backend="process", options=options,
                    stats=stats, staleness=result.staleness, ps=summary,
-                   events=[r[1] if r else [] for r in result.results])
+                   events=[r[1] if r else [] for r in result.results],
+                   memory=[r[2] if r else {} for r in result.results])
 
 
 def loss_over_time(history):

@@ -1,0 +1,335 @@
+"""A tiny GPT (GPT-2's architecture, pre-LayerNorm) with explicit forward and backward.
+
+    x   = wte[tokens] + wpe[:T]                              Embedding
+    x   = x + attn(ln1(x));   x = x + mlp(ln2(x))            Block, n_layers times
+    out = ln_f(x) W + b                                      LayerNorm, then the LM head (Linear)
+    L   = mean over the N·T positions of −log softmax(out)[target]
+
+mlp(x) = GELU(x W_fc + b_fc) W_proj + b_proj with d_ff = 4·d_model. A GPT is a Sequential, so its
+parameters are ONE flat buffer and every training strategy runs it unchanged; a Block is one
+layer (its parts are its `sublayers()`), so a pipeline stage holds whole blocks.
+"""
+
+import math
+
+import numpy as np
+
+from minidist.data import check_integer
+from minidist.nn.attention import INIT_STD, CausalSelfAttention
+from minidist.nn.layers import Layer, Linear
+from minidist.nn.losses import SoftmaxCrossEntropy
+from minidist.nn.model import Sequential
+
+EPS = 1e-5  # every LayerNorm's ε
+
+
+def _linear(d_in, d_out, std):
+    """A Linear whose initial W ~ N(0, std²) (Linear draws N(0, gain/d_in))."""
+    return Linear(d_in, d_out, gain=d_in * std**2)
+
+
+class Embedding(Layer):
+    """x = wte[tokens] + wpe[:T] for integer tokens (N, T).   ∂wte[v] = Σ_{tokens = v} ∂x,
+    ∂wpe[t] = Σ_n ∂x[n, t]; the tokens get no gradient (backward returns None)."""
+
+    def __init__(self, vocab_size, context, d_model):
+        self.vocab_size, self.context, self.d_model = vocab_size, context, d_model
+
+    def __repr__(self):
+        return f"Embedding(vocab={self.vocab_size}, context={self.context}, d={self.d_model})"
+
+    def param_shapes(self):
+        return {"wte": (self.vocab_size, self.d_model), "wpe": (self.context, self.d_model)}
+
+    def init_params(self, params, rng):
+        for name in ("wte", "wpe"):
+            params[name][...] = rng.normal(0.0, INIT_STD, params[name].shape)
+
+    def check_tokens(self, tokens):
+        """tokens as an int64 array (N, T), or a TypeError / ValueError saying what is wrong."""
+        tokens = np.asarray(tokens)
+        if tokens.dtype.kind not in "iu":
+            raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        if tokens.ndim != 2 or 0 in tokens.shape:
+            raise ValueError(f"tokens must have shape (N, T) with N, T >= 1, got {tokens.shape}")
+        if tokens.shape[1] > self.context:
+            raise ValueError(f"sequence length T={tokens.shape[1]} exceeds the model's context "
+                             f"of {self.context}")
+        bad = np.argwhere((tokens < 0) | (tokens >= self.vocab_size))
+        if len(bad):
+            n, t = bad[0]
+            raise ValueError(f"token {tokens[n, t]} at [{n}, {t}] is outside the vocabulary: "
+                             f"tokens must lie in [0, {self.vocab_size})")
+        return tokens.astype(np.int64)
+
+    def forward(self, tokens):
+        self.tokens = self.check_tokens(tokens)  # a copy: exactly N·T int64 kept
+        return self.params["wte"][self.tokens] + self.params["wpe"][:self.tokens.shape[1]]
+
+    def backward(self, dX):
+        d_wte, d_wpe = self.grads["wte"], self.grads["wpe"]
+        d_wte[...] = 0.0
+        np.add.at(d_wte, self.tokens.reshape(-1), dX.reshape(-1, self.d_model))
+        d_wpe[...] = 0.0
+        d_wpe[:dX.shape[1]] = dX.sum(axis=0)
+        return None
+
+
+class LayerNorm(Layer):
+    """y = γ ⊙ x̂ + β with x̂ = (x − μ)/σ, μ and σ² = mean((x − μ)²) over the last axis,
+    σ = √(σ² + ε). Keeps x̂ and 1/σ.   ∂γ = Σ ∂y ⊙ x̂, ∂β = Σ ∂y, and with ĝ = γ ⊙ ∂y:
+    ∂x = (1/σ)(ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂))."""
+
+    def __init__(self, d, eps=EPS):
+        self.d, self.eps = d, eps
+
+    def __repr__(self):
+        return f"LayerNorm({self.d})"
+
+    def param_shapes(self):
+        return {"gamma": (self.d,), "beta": (self.d,)}
+
+    def init_params(self, params, rng):
+        params["gamma"][...] = 1.0
+        params["beta"][...] = 0.0
+
+    def forward(self, X):
+        centred = X - X.mean(axis=-1, keepdims=True)
+        self.inv_std = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + self.eps)
+        self.x_hat = centred * self.inv_std
+        return self.x_hat * self.params["gamma"] + self.params["beta"]
+
+    def backward(self, dY):
+        rows = dY.reshape(-1, self.d)
+        self.grads["gamma"][...] = (rows * self.x_hat.reshape(-1, self.d)).sum(axis=0)
+        self.grads["beta"][...] = rows.sum(axis=0)
+        g = dY * self.params["gamma"]
+        return self.inv_std * (g - g.mean(axis=-1, keepdims=True)
+                               - self.x_hat * (g * self.x_hat).mean(axis=-1, keepdims=True))
+
+
+class GELU(Layer):
+    """GPT-2's tanh approximation: y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³). Keeps x.
+    ∂x = ∂y · (½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²))."""
+
+    C, A = math.sqrt(2.0 / math.pi), 0.044715
+
+    def __repr__(self):
+        return "GELU()"
+
+    def _tanh_u(self, X):
+        """tanh(√(2/π)·x·(1 + 0.044715x²)) in ONE new array (in place: this layer is the widest)."""
+        t = X * X
+        t *= self.A
+        t += 1.0
+        t *= X
+        t *= self.C
+        return np.tanh(t, out=t)
+
+    def forward(self, X):
+        self.X = X
+        y = self._tanh_u(X)
+        y += 1.0
+        y *= X
+        y *= 0.5
+        return y
+
+    def backward(self, dY):
+        """With t = tanh u and g = ½x·u': ∂y/∂x = ½(1 + t) + g(1 − t²) = (1 + t)(½ + g(1 − t))."""
+        X, t = self.X, self._tanh_u(self.X)
+        g = X * X
+        g *= 3 * self.A
+        g += 1.0
+        g *= X
+        g *= 0.5 * self.C
+        np.subtract(1.0, t, out=t)
+        g *= t
+        g += 0.5
+        np.subtract(2.0, t, out=t)
+        g *= t
+        g *= dY
+        return g
+
+
+class Composite(Layer):
+    """A layer made of named parts (the attributes named in PARTS, in order). Its parameters are
+    its parts', named "part.name"; bind and init_params hand each part its own views."""
+
+    PARTS = ()
+
+    def parts(self):
+        return {name: getattr(self, name) for name in self.PARTS}
+
+    def sublayers(self):
+        return list(self.parts().values())
+
+    def param_shapes(self):
+        return {f"{p}.{name}": shape for p, part in self.parts().items()
+                for name, shape in part.param_shapes().items()}
+
+    def _views(self, views, p, part):
+        return {name: views[f"{p}.{name}"] for name in part.param_shapes()}
+
+    def bind(self, params, grads):
+        super().bind(params, grads)
+        for p, part in self.parts().items():
+            part.bind(self._views(params, p, part), self._views(grads, p, part))
+
+    def init_params(self, params, rng):
+        for p, part in self.parts().items():
+            part.init_params(self._views(params, p, part), rng)
+
+
+class MLP(Composite):
+    """x ↦ GELU(x W_fc + b_fc) W_proj + b_proj, d → d_ff → d; W_proj ~ N(0, proj_std²)."""
+
+    PARTS = ("fc", "gelu", "proj")
+
+    def __init__(self, d_model, d_ff, proj_std):
+        self.fc, self.gelu = _linear(d_model, d_ff, INIT_STD), GELU()
+        self.proj = _linear(d_ff, d_model, proj_std)
+
+    def __repr__(self):
+        return f"MLP({self.fc.d_in}→{self.fc.d_out}→{self.proj.d_out})"
+
+    def forward(self, X):
+        h = self.rounded(self.gelu.forward(self.rounded(self.fc.forward(X))))
+        return self.proj.forward(h)
+
+    def backward(self, dY):
+        dh = self.rounded(self.gelu.backward(self.rounded(self.proj.backward(dY))))
+        return self.fc.backward(dh)
+
+
+class Block(Composite):
+    """x + attn(ln1(x)), then x + mlp(ln2(x)): a pre-LayerNorm transformer block.
+
+    With recompute (activation checkpointing), forward keeps only the block's input `x` and
+    drops its parts' caches; backward first reruns the forward from x to rebuild them.
+    Every intermediate passes through `rounded` (mixed precision's hook, identity by default).
+    """
+
+    PARTS = ("ln1", "attn", "ln2", "mlp")
+
+    def __init__(self, d_model, n_heads, d_ff, residual_std=INIT_STD, recompute=False):
+        self.ln1, self.ln2 = LayerNorm(d_model), LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, out_std=residual_std)
+        self.mlp = MLP(d_model, d_ff, residual_std)
+        self.recompute, self.x = recompute, None
+
+    def __repr__(self):
+        return (f"Block(d_model={self.attn.d_model}, heads={self.attn.n_heads}, "
+                f"d_ff={self.mlp.fc.d_out}{', recompute' if self.recompute else ''})")
+
+    def forward(self, x):
+        out = self._forward(x)
+        if self.recompute:
+            self.x = x
+            _drop_caches(self.sublayers())
+        return out
+
+    def _forward(self, x):
+        r = self.rounded
+        x = r(x + r(self.attn.forward(r(self.ln1.forward(x)))))
+        return x + r(self.mlp.forward(r(self.ln2.forward(x))))
+
+    def backward(self, d):
+        if self.recompute:
+            self._forward(self.x)
+        r = self.rounded
+        d = r(d + self.ln2.backward(r(self.mlp.backward(d))))
+        return d + self.ln1.backward(r(self.attn.backward(d)))
+
+
+def _drop_caches(layers):
+    """Set every array a layer (or its parts) keeps for backward to None."""
+    for layer in layers:
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, np.ndarray):
+                setattr(layer, name, None)
+        _drop_caches(layer.sublayers())
+
+
+class GPT(Sequential):
+    """[Embedding, Block × n_layers, LayerNorm, Linear(d_model, vocab_size)] with the mean
+    softmax cross-entropy over all N·T positions. Built and checked by `gpt`."""
+
+    def __init__(self, vocab_size, context, d_model=64, n_heads=4, n_layers=2, d_ff=None, seed=0,
+                 dtype=np.float64, recompute=False):
+        for name, value in (("vocab_size", vocab_size), ("context", context),
+                            ("d_model", d_model), ("n_heads", n_heads), ("n_layers", n_layers)):
+            check_integer(name, value)
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        check_integer("d_ff", d_ff)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads} (each "
+                             f"head gets d_model / n_heads dimensions)")
+        if not isinstance(recompute, (bool, np.bool_)):
+            raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        self.vocab_size, self.context, self.d_model = int(vocab_size), int(context), int(d_model)
+        self.n_heads, self.n_layers, self.d_ff = int(n_heads), int(n_layers), int(d_ff)
+        self.recompute = bool(recompute)
+        residual_std = INIT_STD / math.sqrt(2 * self.n_layers)  # GPT-2's residual scaling
+        layers = [Embedding(self.vocab_size, self.context, self.d_model)]
+        layers += [Block(self.d_model, self.n_heads, self.d_ff, residual_std, self.recompute)
+                   for _ in range(self.n_layers)]
+        layers += [LayerNorm(self.d_model), _linear(self.d_model, self.vocab_size, INIT_STD)]
+        super().__init__(layers, SoftmaxCrossEntropy(), seed=seed, dtype=dtype, device="numpy")
+
+    def __repr__(self):
+        return (f"GPT(vocab_size={self.vocab_size}, context={self.context}, "
+                f"d_model={self.d_model}, n_heads={self.n_heads}, n_layers={self.n_layers}, "
+                f"d_ff={self.d_ff}, params={self.num_params})")
+
+    def generate(self, tokens, n_new, temperature=1.0, seed=0):
+        """tokens (N, T) followed by n_new sampled ones, (N, T + n_new): each new token is drawn
+        from softmax(logits / temperature) at the last position, the model seeing the last
+        `context` tokens (np.random.default_rng(seed); a low temperature approaches argmax)."""
+        check_integer("n_new", n_new, 0)
+        check_integer("seed", seed, 0)
+        if isinstance(temperature, (bool, np.bool_)) or not isinstance(
+                temperature, (int, float, np.integer, np.floating)):
+            raise TypeError(f"temperature must be a number > 0, got {temperature!r}")
+        if not 0 < temperature < np.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        tokens = self.layers[0].check_tokens(tokens)
+        rng = np.random.default_rng(seed)
+        for _ in range(n_new):
+            logits = self.forward(tokens[:, -self.context:])[:, -1] / temperature
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            cdf = np.cumsum(p, axis=1)
+            cdf /= cdf[:, -1:]
+            u = rng.random((len(tokens), 1))
+            picked = (cdf <= u).sum(axis=1)  # inverse CDF: the first token whose cdf exceeds u
+            tokens = np.concatenate([tokens, picked[:, None]], axis=1)
+        return tokens
+
+
+def gpt(vocab_size, context, d_model=64, n_heads=4, n_layers=2, d_ff=None, seed=0,
+        dtype=np.float64, recompute=False):
+    """A GPT-2 style language model over `vocab_size` tokens and up to `context` positions
+    (d_ff defaults to 4·d_model). Init as GPT-2: weights N(0, 0.02²), the residual projections
+    N(0, 0.02²/(2·n_layers)), biases 0, LayerNorm γ = 1, β = 0."""
+    return GPT(vocab_size, context, d_model, n_heads, n_layers, d_ff, seed, dtype, recompute)
+
+
+INT64_PARTS = ("tokens", "labels")  # the parts of activation_elements kept as int64
+
+
+def activation_elements(N, T, model):
+    """The elements a GPT keeps for backward after model.loss on (N, T) tokens and int64
+    targets, by part (`INT64_PARTS` are int64, the rest in the model's dtype). Per block:
+
+        ln1, ln2: x̂ and 1/σ        2·(N·T·d + N·T)
+        attention: X, Q, K, V, O    5·N·T·d,  and the softmax P: H·N·T²
+        fc: X, GELU: X, proj: X     N·T·d + 2·N·T·d_ff
+
+    = 16·N·T·d + H·N·T² + 2·N·T for d_ff = 4d: Korthikanti et al. (2022)'s 34·sbh + 5·as²b
+    bytes (16-bit) without the dropout masks, in elements. With recompute a block keeps only
+    its input, N·T·d. Also: the tokens N·T, the final LayerNorm N·T·d + N·T, the head's input
+    N·T·d and the loss's probabilities N·T·V and labels N·T."""
+    d, H = model.d_model, model.n_heads
+    block = N * T * d if model.recompute else (
+        8 * N * T * d + 2 * N * T * model.d_ff + H * N * T * T + 2 * N * T)
+    return {"tokens": N * T, "blocks": model.n_layers * block, "ln_f": N * T * d + N * T,
+            "head": N * T * d, "probs": N * T * model.vocab_size, "labels": N * T}
