@@ -1,9 +1,22 @@
-"""Datasets that ship offline, sharding across ranks, and reproducible batches."""
+"""Datasets that ship offline, sharding across ranks, and reproducible batches.
+
+The digits (load_digits) and synthetic data live here; the text corpus for a language model,
+its character tokenizer and its (N, T) windows live in minidist.text and are re-exported:
+load_text, CharTokenizer, split_text, text_windows.
+"""
 
 import gzip
 from importlib import resources
 
 import numpy as np
+
+from minidist.text import CharTokenizer, load_text, split_text, text_windows
+
+__all__ = [
+    "CharTokenizer", "batches", "check_integer", "check_labels", "check_training_data",
+    "is_integer", "load_digits", "load_text", "make_classification", "make_regression", "shard",
+    "shard_bounds", "split_text", "step_batches", "text_windows", "train_test_split",
+]
 
 
 def load_digits():
