@@ -64,6 +64,20 @@ def _activations(parts, seen):
     return seen
 
 
+def track(parts, ledger, held=0):
+    """After a forward: ledger.saw(held + what `parts` keep now), and the same again from
+    inside the backward of every recomputing block among them, once it has rebuilt its
+    activations (the moment activation checkpointing holds the most). held: bytes kept
+    elsewhere meanwhile (a pipeline stage's other micro-batches)."""
+    def measure():
+        ledger.saw(held + activation_bytes(parts))
+
+    measure()
+    for part in parts:
+        if getattr(part, "recompute", False):
+            part.watch = measure
+
+
 class Ledger:
     """One rank's memory over a run. Set the persistent state once (`hold`), call `saw` with
     the activation bytes held at each moment they are at their most (after a forward; with a

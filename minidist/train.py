@@ -194,7 +194,7 @@ def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_op
         start = time.perf_counter()
         with mixed.errstate():
             loss[t] = model.loss(X[idx], y[idx])
-            ledger.saw(memory.activation_bytes([*model.layers, model.criterion]))
+            memory.track([*model.layers, model.criterion], ledger)
             model.backward()
         _check_finite(loss[t:t + 1], mixed.optimizer.lr, first_step=t)
         mixed.step(model.grads)

@@ -398,3 +398,111 @@ def test_pipeline_compute_checker():
     for hint, fn in cases.items():
         result = exercises.check_pipeline_compute(fn)
         assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def causal_attention(q, k, v, scale=None, hide=1, axis=-1):
+    """softmax(q kᵀ·scale + M) v with M = −∞ on np.triu(·, k=hide) (hide=None: no mask;
+    hide=-1 with np.tril: the wrong side); the softmax over `axis`."""
+    T = q.shape[-2]
+    s = q @ k.swapaxes(-1, -2) * (1 / np.sqrt(q.shape[-1]) if scale is None else scale)
+    if hide is not None:
+        hidden = np.triu(np.ones((T, T), bool), k=hide) if hide > 0 else np.tril(
+            np.ones((T, T), bool), k=hide)
+        s = np.where(hidden, -np.inf, s)
+    p = np.exp(s - s.max(axis=axis, keepdims=True))
+    return p / p.sum(axis=axis, keepdims=True) @ v
+
+
+def test_causal_attention_checker():
+    right = exercises.check_causal_attention(causal_attention)
+    assert right and "same logits" in right.message, right
+
+    def zeroed_after(q, k, v):  # the mask applied to the weights after the softmax
+        s = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        return np.tril(p / p.sum(axis=-1, keepdims=True)) @ v
+
+    def not_implemented(q, k, v):
+        raise NotImplementedError("your code here")
+
+    def weights(q, k, v):
+        T = q.shape[-2]
+        s = q @ k.swapaxes(-1, -2) + np.where(np.triu(np.ones((T, T)), 1), -np.inf, 0)
+        return np.exp(s) / np.exp(s).sum(axis=-1, keepdims=True)
+
+    cases = {
+        "sees the later positions": lambda q, k, v: causal_attention(q, k, v, hide=None),
+        "wrong side": lambda q, k, v: causal_attention(q, k, v, hide=-1),
+        "not scaled": lambda q, k, v: causal_attention(q, k, v, scale=1.0),
+        "not 1/d_head": lambda q, k, v: causal_attention(q, k, v, scale=1 / q.shape[-1]),
+        "wrong axis": lambda q, k, v: causal_attention(q, k, v, axis=-2),
+        "BEFORE the softmax": zeroed_after,
+        "the attention weights P": weights,
+        "heads on axis 1": lambda q, k, v: causal_attention(q, k, v).transpose(0, 2, 1, 3),
+        "NaN": lambda q, k, v: causal_attention(q, k, v, hide=0),  # the diagonal hidden too
+        "differs from CausalSelfAttention": lambda q, k, v: causal_attention(q, k, v) + 1e-3,
+        "raised NotImplementedError": not_implemented,
+    }
+    with np.errstate(invalid="ignore"):
+        for hint, fn in cases.items():
+            result = exercises.check_causal_attention(fn)
+            assert not result and hint in result.message and "✘" in repr(result), (hint, result)
+
+
+def test_causal_attention_checker_runs_the_function_inside_a_gpt():
+    calls = []
+
+    def stateful(q, k, v):  # right on the direct problems, then wrong inside the model
+        calls.append(q.shape)
+        return causal_attention(q, k, v) * (1.0 if len(calls) <= 3 else 1.5)
+
+    result = exercises.check_causal_attention(stateful)
+    assert not result and "GPT with your attention" in result.message, result
+    assert calls[3:] == [(2, 4, 8, 4)] * 2  # one call per block of the 2-block GPT
+
+
+def layernorm_backward(dy, x, gamma, eps=1e-5, mean_path=True, variance_path=True):
+    centred = x - x.mean(axis=-1, keepdims=True)
+    inv = 1 / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + eps)
+    x_hat, g = centred * inv, gamma * dy
+    dx = g - (g.mean(axis=-1, keepdims=True) if mean_path else 0)
+    dx = inv * (dx - (x_hat * (g * x_hat).mean(axis=-1, keepdims=True) if variance_path else 0))
+    d = x.shape[-1]
+    return dx, (dy * x_hat).reshape(-1, d).sum(axis=0), dy.reshape(-1, d).sum(axis=0)
+
+
+def test_layernorm_backward_checker():
+    right = exercises.check_layernorm_backward(layernorm_backward)
+    assert right and "finite differences" in right.message, right
+
+    def replace(i, make):
+        def fn(dy, x, gamma, eps=1e-5):
+            grads = list(layernorm_backward(dy, x, gamma, eps))
+            x_hat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+            grads[i] = make(dy, x_hat, grads)
+            return tuple(grads)
+        return fn
+
+    cases = {
+        "mean's path": lambda dy, x, g, eps=1e-5: layernorm_backward(dy, x, g, eps,
+                                                                    mean_path=False),
+        "variance's path": lambda dy, x, g, eps=1e-5: layernorm_backward(dy, x, g, eps,
+                                                                        variance_path=False),
+        "treats μ and σ as constants": lambda dy, x, g, eps=1e-5: layernorm_backward(
+            dy, x, g, eps, mean_path=False, variance_path=False),
+        "multiply ∂y by γ": lambda dy, x, g, eps=1e-5: layernorm_backward(
+            dy, x, np.ones_like(g), eps)[:1] + layernorm_backward(dy, x, g, eps)[1:],
+        "use the eps you are given": lambda dy, x, g, eps=1e-5: layernorm_backward(dy, x, g),
+        "dgamma is Σ ∂y": replace(1, lambda dy, x_hat, grads: grads[2]),
+        "dgamma is summed over the wrong axis": replace(1, lambda dy, x_hat, grads: (
+            dy * x_hat).sum(axis=-1)),
+        "dgamma should have shape (4,), got (3, 4)": replace(1, lambda dy, x_hat, grads: (
+            dy * x_hat).sum(axis=0)),
+        "dbeta is Σ ∂y ⊙ x̂": replace(2, lambda dy, x_hat, grads: grads[1]),
+        "dbeta differs from finite differences": replace(2, lambda dy, x_hat, grads: 2 * grads[2]),
+        "three arrays": lambda dy, x, g, eps=1e-5: layernorm_backward(dy, x, g, eps)[:2],
+        "raised ZeroDivisionError": lambda dy, x, g, eps=1e-5: 1 / 0,
+    }
+    for hint, fn in cases.items():
+        result = exercises.check_layernorm_backward(fn)
+        assert not result and hint in result.message and "✘" in repr(result), (hint, result)

@@ -2,7 +2,6 @@
 states, Korthikanti et al.'s transformer activations, the MLP's exact count) and against
 numbers counted by hand."""
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -13,14 +12,12 @@ from minidist.parallel import distributed_gd, hybrid
 from minidist.parallel.job import Job
 from minidist.parallel.shard import ModelShard
 from minidist.parallel.tensor_parallel import block_bytes
-from minidist.train import History
 
 SIZES = [6, 8, 8, 3]
 MLP = functools.partial(nn.mlp, SIZES, seed=1)
 PSI = MLP().num_params  # 6·8 + 8 + 8·8 + 8 + 8·3 + 3 = 155
 BATCH, STEPS = 8, 2
 X, Y = data.make_classification(64, SIZES[0], SIZES[-1], seed=0)
-HAS_HISTORY_MEMORY = "memory" in {f.name for f in dataclasses.fields(History)}
 
 
 def _ranks(worker, workers, optimizer="sgd", model_fn=MLP, **options):
@@ -155,9 +152,7 @@ def test_hybrid_replicas_hold_the_same_and_stages_split_the_model():
 
 
 def test_gpt_block_activations_are_korthikanti_without_dropout():
-    gpt = getattr(nn, "gpt", None)
-    if gpt is None:
-        pytest.skip("minidist.nn.gpt does not exist yet")
+    gpt = nn.gpt
     N, T, d, H = 2, 8, 16, 4
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=(N, T + 1))
@@ -174,8 +169,6 @@ def test_gpt_block_activations_are_korthikanti_without_dropout():
 
 
 def test_parameter_server_workers_and_servers_report_what_they_hold():
-    if not HAS_HISTORY_MEMORY:
-        pytest.skip("train.History has no `memory` field yet (minidist/train.py)")
     hist = train(MLP, X, Y, strategy="parameter_server", workers=2, num_servers=2,
                  backend="process", steps=STEPS, batch_size=BATCH, lr=0.05, timeout=60.0)
     assert len(hist.memory) == 2
@@ -193,8 +186,6 @@ def test_parameter_server_workers_and_servers_report_what_they_hold():
             (8 * n, 3 * 8 * n, 8 * n, 0)
 
 
-@pytest.mark.skipif(not HAS_HISTORY_MEMORY,
-                    reason="train.History has no `memory` field yet (minidist/train.py)")
 @pytest.mark.parametrize("strategy, workers, options", [
     ("single", 1, {}), ("data_parallel", 2, {}), ("distributed_gd", 2, {}),
     ("tensor_parallel", 2, {}), ("pipeline", 2, {"micro_batches": 2}),
@@ -210,9 +201,7 @@ def test_history_memory_has_one_ledger_per_rank(strategy, workers, options):
 
 @pytest.mark.parametrize("schedule, held", [("gpipe", 4), ("1f1b", 2)])
 def test_a_gpt_pipeline_stage_holds_korthikanti_per_micro_batch(schedule, held):
-    gpt = getattr(nn, "gpt", None)
-    if gpt is None:
-        pytest.skip("minidist.nn.gpt does not exist yet")
+    gpt = nn.gpt
     T, d, H, m = 8, 16, 4, 4
     tokens = np.random.default_rng(0).integers(0, 11, size=(32, T + 1))
     job = Job(functools.partial(gpt, 11, T, d_model=d, n_heads=H, n_layers=2), tokens[:, :-1],
@@ -226,8 +215,6 @@ def test_a_gpt_pipeline_stage_holds_korthikanti_per_micro_batch(schedule, held):
     assert ranks[0]["memory"]["activations"] == held * per_micro
 
 
-@pytest.mark.skipif(not HAS_HISTORY_MEMORY,
-                    reason="train.History has no `memory` field yet (minidist/train.py)")
 @pytest.mark.parametrize("precision, itemsize", [("fp32", 4), ("bf16", 2), ("fp16", 2)])
 def test_single_holds_zeros_states_as_the_numpy_emulation_keeps_them(precision, itemsize):
     model_fn = functools.partial(nn.mlp, SIZES, seed=1, dtype=np.float32)
@@ -238,3 +225,35 @@ def test_single_holds_zeros_states_as_the_numpy_emulation_keeps_them(precision, 
     assert {k: mem[k] for k in ("params", "grads", "optimizer")} == \
         memory.model_state_bytes(PSI, precision, "adam", emulated=True)
     assert mem["activations"] == memory.mlp_activation_bytes(BATCH, SIZES, itemsize=itemsize)
+
+
+@pytest.mark.parametrize("strategy, workers", [("single", 1), ("pipeline", 2)])
+def test_recompute_holds_at_most_the_inputs_and_one_rebuilt_block(strategy, workers):
+    """The ledger sees recompute's worst moment: inside a block's backward, the blocks' inputs
+    and everything else of the forward, plus that one block rebuilt (then dropped again)."""
+    N, T, d, H, V = 4, 8, 16, 2, 11
+    tokens = np.random.default_rng(1).integers(0, V, size=(N, T + 1))
+    X, Y = tokens[:, :-1], tokens[:, 1:]
+
+    def held(recompute):
+        model = nn.gpt(V, T, d_model=d, n_heads=H, n_layers=2, recompute=recompute)
+        model.loss(X, Y)
+        return model, memory.activation_bytes([*model.layers, model.criterion])
+
+    (full_model, full), (model, kept) = held(False), held(True)
+    one_block = memory.activation_bytes([full_model.layers[1]])
+    model.backward()
+    assert memory.activation_bytes(model.layers[1:-2]) == 0  # dropped after backward
+    options = {"micro_batches": 1} if strategy == "pipeline" else {}
+    runs = {r: train(lambda r=r: nn.gpt(V, T, d_model=d, n_heads=H, n_layers=2, recompute=r),
+                     X, Y, strategy=strategy, workers=workers, backend="thread", steps=1,
+                     batch_size=N, **options) for r in (False, True)}
+    if strategy == "single":
+        assert runs[False].memory[0]["activations"] == full
+        assert runs[True].memory[0]["activations"] == kept + one_block < full
+    else:  # stage 0 holds [Embedding, Block], stage 1 the other block, ln_f and the head:
+        # with one block a stage, recompute saves nothing and costs that block's input
+        assert [m["layers"] for m in runs[True].details] == [(0, 2), (2, 5)]
+        for with_, without in zip(runs[True].memory, runs[False].memory, strict=True):
+            assert with_["activations"] == without["activations"] + N * T * d * 8
+        np.testing.assert_allclose(runs[True].params, runs[False].params, rtol=0, atol=1e-12)

@@ -205,11 +205,14 @@ class Block(Composite):
     """x + attn(ln1(x)), then x + mlp(ln2(x)): a pre-LayerNorm transformer block.
 
     With recompute (activation checkpointing), forward keeps only the block's input `x` and
-    drops its parts' caches; backward first reruns the forward from x to rebuild them.
-    Every intermediate passes through `rounded` (mixed precision's hook, identity by default).
+    drops its parts' caches; backward first reruns the forward from x to rebuild them, calls
+    `watch` (minidist.memory.track sets it: the moment the block holds the most) and drops them
+    again when done. Every intermediate passes through `rounded` (mixed precision's hook,
+    identity by default).
     """
 
     PARTS = ("ln1", "attn", "ln2", "mlp")
+    watch = None
 
     def __init__(self, d_model, n_heads, d_ff, residual_std=INIT_STD, recompute=False):
         self.ln1, self.ln2 = LayerNorm(d_model), LayerNorm(d_model)
@@ -236,9 +239,15 @@ class Block(Composite):
     def backward(self, d):
         if self.recompute:
             self._forward(self.x)
+            if self.watch is not None:
+                self.watch()
         r = self.rounded
         d = r(d + self.ln2.backward(r(self.mlp.backward(d))))
-        return d + self.ln1.backward(r(self.attn.backward(d)))
+        d = d + self.ln1.backward(r(self.attn.backward(d)))
+        if self.recompute:
+            self.x = None
+            _drop_caches(self.sublayers())
+        return d
 
 
 def _drop_caches(layers):
@@ -325,9 +334,11 @@ def activation_elements(N, T, model):
         fc: X, GELU: X, proj: X     N·T·d + 2·N·T·d_ff
 
     = 16·N·T·d + H·N·T² + 2·N·T for d_ff = 4d: Korthikanti et al. (2022)'s 34·sbh + 5·as²b
-    bytes (16-bit) without the dropout masks, in elements. With recompute a block keeps only
-    its input, N·T·d. Also: the tokens N·T, the final LayerNorm N·T·d + N·T, the head's input
-    N·T·d and the loss's probabilities N·T·V and labels N·T."""
+    bytes (16-bit, dropout masks included) less the masks and dropout outputs, 32·sbh + 2·as²b
+    bytes: 16·sbh + as²b elements. With recompute a block keeps only its input, N·T·d, and
+    rebuilds the rest, one block at a time, inside backward. Also: the tokens N·T, the final
+    LayerNorm N·T·d + N·T, the head's input N·T·d and the loss's probabilities N·T·V and labels
+    N·T."""
     d, H = model.d_model, model.n_heads
     block = N * T * d if model.recompute else (
         8 * N * T * d + 2 * N * T * model.d_ff + H * N * T * T + 2 * N * T)

@@ -85,7 +85,7 @@ class Clock:
     def forward_backward(self, model, X, y):
         """model.loss_and_grad(X, y) as two timed events, forward (with the loss) and backward."""
         loss = self.timed("compute", model.loss, X, y, event="forward")
-        self.ledger.saw(memory.activation_bytes([*model.layers, model.criterion]))
+        memory.track([*model.layers, model.criterion], self.ledger)
         self.timed("compute", model.backward, event="backward")
         return loss
 

@@ -17,6 +17,7 @@ bubble / total = (p−1)/(m+p−1) (Huang et al. 2019). Micro-batch j's gradient
 
 import numpy as np
 
+from minidist import memory
 from minidist.data import check_integer, is_integer, shard_bounds
 from minidist.parallel.shard import activation_bytes
 
@@ -153,6 +154,8 @@ def run_batch(shard, comm, X, y, rows, weight, micro_batches, schedule, clock, t
             peak = max(peak, len(stash))
         else:
             shard.restore(stash.pop(j))
+            memory.track([*shard.layers, shard.criterion], clock.ledger,
+                         held=sum(map(activation_bytes, stash.values())))
             d_out = (share * shard.criterion.backward() if last
                      else clock.timed("comm", comm.recv, stage + 1, j))
             d_in = trace.timed("backward", _backward_and_add, shard, d_out, total)

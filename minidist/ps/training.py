@@ -78,7 +78,7 @@ def worker(client, job):
         trace.step = t
         trace.timed("recv", functools.partial(client.pull, out=model.params))
         loss = trace.timed("forward", model.loss, job.X[rows], job.y[rows])
-        ledger.saw(memory.activation_bytes([*model.layers, model.criterion]))
+        memory.track([*model.layers, model.criterion], ledger)
         trace.timed("backward", model.backward)
         np.multiply(model.grads, weight, out=grad)
         trace.timed("send", client.push, grad, weight)
