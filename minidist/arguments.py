@@ -8,7 +8,7 @@ import numpy as np
 
 from minidist import data, kernels, nn, optim
 from minidist.launch import BACKENDS
-from minidist.precision import HALF, PRECISIONS, resolve
+from minidist.precision import HALF, PRECISIONS, SCALE_RANGE, resolve
 
 
 def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, backend, steps,
@@ -69,15 +69,17 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
 
 def _check_precision(precision, loss_scale, model, strategy, options):
     """The precision's name (None: the model's own), if the model and the strategy can run it;
-    loss_scale a finite number > 0."""
+    loss_scale in SCALE_RANGE."""
     names = ", ".join(PRECISIONS)
     if precision is not None and (not isinstance(precision, str) or precision not in PRECISIONS):
         raise ValueError(f"unknown precision {precision!r}; allowed: {names}, or None (the "
                          "model's own dtype)")
     if not _is_number(loss_scale):
         raise TypeError(f"loss_scale must be a number > 0, got {loss_scale!r}")
-    if not 0 < loss_scale < np.inf:
-        raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
+    low, high = SCALE_RANGE
+    if not low <= loss_scale <= high:
+        raise ValueError(f"loss_scale must lie in [2**-24, 2**127] (an fp32 number whose "
+                         f"inverse is one too), got {loss_scale!r}")
     dtype = np.dtype(getattr(model, "dtype", np.float64))
     if precision is None:
         return resolve(None, dtype)

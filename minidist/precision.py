@@ -8,9 +8,12 @@ numpy has no fast fp16 or bf16 matmul, so the values are rounded to 16 bits and 
 runs in fp32, which is also what tensor cores do: 16-bit inputs, products summed in fp32.
 Rounded to 16 bits: the weights (the master, after every step), every activation and activation
 gradient passed between layers (Sequential's layer boundaries; a composite layer's parts through
-`Layer.rounded`) and the parameter gradients. What a layer keeps for its backward is held as a
-real float16 / bfloat16 array from its forward until just before its backward, so the memory
-ledger measures half of fp32's bytes.
+`Layer.rounded`) and the parameter gradients. Inside one layer (attention's scores and softmax,
+LayerNorm's statistics) the arithmetic stays fp32, as inside a fused kernel. What a layer keeps
+for its backward is held as a real float16 / bfloat16 array from its forward until just before
+its backward, when it is back in fp32 for that layer alone (and let go after it), so the memory
+ledger measures half of fp32's bytes after the forward; a recomputing block rounds what it
+rebuilds the same way.
 
 fp16: 5 exponent and 10 mantissa bits, ε = 2⁻¹⁰, largest 65504 (above it: inf), smallest
 normal 2⁻¹⁴: small gradients underflow. bf16 (ml_dtypes.bfloat16): fp32's 8 exponent bits with
@@ -28,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from minidist.memory import array_bytes, optimizer_bytes
+from minidist.nn.layers import walk
 
 PRECISIONS = {"fp64": np.float64, "fp32": np.float32, "fp16": np.float16,
               "bf16": ml_dtypes.bfloat16}
@@ -37,6 +41,8 @@ HALF = ("fp16", "bf16")  # 16-bit compute over fp32 master weights
 GROWTH_INTERVAL = 100
 BACKOFF, GROWTH = 0.5, 2.0
 LOSS_SCALE = 2.0**16  # fp16's initial S, as PyTorch's GradScaler's
+SCALE_RANGE = (2.0**-24, 2.0**127)  # S and 1/S are finite, nonzero fp32 numbers; S grows no
+# further than the top
 
 
 def resolve(precision, dtype):
@@ -86,9 +92,21 @@ class Rounding:
         return out
 
     def backward_boundary(self, part, d):
-        """Before `part`'s backward: what it keeps back in float32; ∂L/∂(its output) rounded."""
+        """Before `part`'s backward: what it keeps back in float32, the working copies of that
+        one backward (a GPU reads the 16-bit arrays directly; Sequential lets go of them after
+        it, and the ledger counts the stored 16-bit arrays); ∂L/∂(its output) rounded."""
         _convert(part, self.dtype, np.float32, {})
         return self(d)
+
+    def as_stored(self, parts, watch=None):
+        """A recomputing block's rebuilt arrays through the trip a stored block's make: to 16
+        bits (then `watch()`, the ledger's look at them), and back to float32 for backward."""
+        for part in parts:
+            _convert(part, np.float32, self.dtype, {})
+        if watch is not None:
+            watch()
+        for part in parts:
+            _convert(part, self.dtype, np.float32, {})
 
     def loss_gradient(self, criterion):
         """The start of backward: S·∂L/∂z, rounded to 16 bits."""
@@ -131,13 +149,6 @@ def _converted(x, dtype, memo):
     return np.ndarray(x.shape, copy.dtype, copy, offset, strides)
 
 
-def _layers(layers):
-    """Every layer and, recursively, its sublayers."""
-    for layer in layers:
-        yield layer
-        yield from _layers(layer.sublayers())
-
-
 class MixedPrecision:
     """One rank's precision over a training run: the optimizer (for fp16/bf16 over an fp32
     master copy of the parameters), the loss scale S and what each step did.
@@ -155,7 +166,7 @@ class MixedPrecision:
         if self.name in HALF:
             self.rounding = Rounding(self.grad_dtype, float(loss_scale) if self.dynamic else 1.0)
             model.precision = self.rounding
-            for layer in _layers(model.layers):
+            for layer in walk(model.layers):
                 layer.rounding = self.rounding
             self.master = model.params.copy()
             self._round_weights()
@@ -194,7 +205,8 @@ class MixedPrecision:
             g /= np.float32(self.scale)
             self.good_steps += 1
             if self.good_steps == GROWTH_INTERVAL:
-                self.good_steps, self.rounding.scale = 0, self.scale * GROWTH
+                self.good_steps = 0
+                self.rounding.scale = min(self.scale * GROWTH, SCALE_RANGE[1])
         self.optimizer.step(g)
         self._round_weights()
         return True
@@ -209,6 +221,14 @@ class MixedPrecision:
         ledger.hold(params=array_bytes(self.model.params, self.master),
                     grads=array_bytes(self.model.grads, *buffers),
                     optimizer=optimizer_bytes(self.optimizer))
+
+    def detach(self):
+        """Take the rounding hooks off the model again (after a run, or when it failed): a model
+        that model_fn hands out twice must not keep rounding in a later fp32 run."""
+        if self.rounding is not None:
+            self.model.precision = None
+            for layer in walk(self.model.layers):
+                layer.rounding = None
 
     def record(self):
         """For the History: the loss scale each step used, the indices of the skipped steps."""

@@ -20,7 +20,7 @@ from minidist import data
 # modules with plenty of English prose and nothing platform-specific in their public names
 MODULES = ("string", "textwrap", "json", "collections", "functools", "itertools", "pathlib",
            "argparse", "logging", "unittest", "random", "statistics", "datetime", "difflib",
-           "heapq", "contextlib", "decimal", "inspect", "typing", "re", "calendar", "threading",
+           "heapq", "contextlib", "decimal", "typing", "re", "calendar", "threading",
            "tarfile", "urllib.parse", "configparser", "doctest", "codecs", "io", "base64", "uuid")
 _MEMBERS = (classmethod, staticmethod, property)
 _MIN_CHARS = 100_000  # the corpus is ~300 KB; much less means the docstrings were stripped

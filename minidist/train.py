@@ -13,7 +13,7 @@ from minidist import data, kernels, memory, optim
 from minidist.arguments import check_arguments
 from minidist.parallel import data_parallel, distributed_gd, hybrid, pipeline, tensor_parallel
 from minidist.parallel.job import Job
-from minidist.precision import MixedPrecision
+from minidist.precision import LOSS_SCALE, MixedPrecision
 from minidist.ps import training as parameter_server
 
 # strategy -> (the function each rank runs, its options with defaults, their validator)
@@ -106,7 +106,7 @@ class History:
 
 def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps=100,
           batch_size=64, lr=0.1, optimizer="sgd", seed=0, optimizer_options=None,
-          progress=False, timeout=600.0, precision=None, loss_scale=2.0**16,
+          progress=False, timeout=600.0, precision=None, loss_scale=LOSS_SCALE,
           **strategy_options):
     """Train model_fn() on (X, y) for `steps` steps of `batch_size` samples with `strategy`.
 
@@ -190,15 +190,18 @@ def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_op
 
         batches = tqdm(batches, total=steps, desc="single", leave=False, disable=None)
     loss, step_time = np.zeros(steps), np.zeros(steps)
-    for t, idx in enumerate(batches):
-        start = time.perf_counter()
-        with mixed.errstate():
-            loss[t] = model.loss(X[idx], y[idx])
-            memory.track([*model.layers, model.criterion], ledger)
-            model.backward()
-        _check_finite(loss[t:t + 1], mixed.optimizer.lr, first_step=t)
-        mixed.step(model.grads)
-        step_time[t] = time.perf_counter() - start
+    try:
+        for t, idx in enumerate(batches):
+            start = time.perf_counter()
+            with mixed.errstate():
+                loss[t] = model.loss(X[idx], y[idx])
+                memory.track([*model.layers, model.criterion], ledger)
+                model.backward()
+            _check_finite(loss[t:t + 1], mixed.optimizer.lr, first_step=t)
+            mixed.step(model.grads)
+            step_time[t] = time.perf_counter() - start
+    finally:
+        mixed.detach()
     return History(strategy="single", workers=1, model_fn=model_fn,
                    params=kernels.to_host(mixed.params),
                    loss=loss, step_time=step_time, compute_time=step_time.copy(),

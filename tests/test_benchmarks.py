@@ -91,3 +91,58 @@ def test_no_fraction_of_the_limit_above_one():
     times[(limit, 16384)] = [1.5]  # beside the limit, minidist 1.5× faster than it: a bug
     assert allreduce.limit_violations(allreduce.result_rows(times, [native, mpich, limit],
                                                             sizes, 2))
+
+
+def test_the_transformer_benchmark_times_the_same_computation_and_renders(tmp_path):
+    bench = load_file("benchmarks/transformer.py", "benchmark_transformer")
+    bench.main(["--quick", "--threads", "1", "--dtypes", "float64", "--no-profile",
+                "--quiet-wait", "0", "--retries", "0", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "transformer.json").read_text())
+    assert (tmp_path / "transformer.png").stat().st_size > 0
+    assert result["command"].startswith("python benchmarks/transformer.py --quick")
+    (row,) = result["rows"]
+    assert (row["dtype"], row["threads"], row["vocab"]) == ("float64", 1, 96)
+    assert row["loss_gap"] < 1e-10 and row["grad_gap"] < 1e-8 and row["sdpa_loss_gap"] < 1e-10
+    assert row["minidist_ms"] > 0 and row["torch_ms"] > 0 and row["numpy_fc_gflops"] > 0
+    assert row["torch_over_minidist"] == row["torch_ms"] / row["minidist_ms"]
+    assert row["contended"] in (True, False, None) and row["runs_repeated"] == 0  # --retries 0
+    assert set(result["minidist_code"]) == {"transformer.py", "attention.py", "layers.py"}
+    report = load_file("benchmarks/report.py", "benchmark_report")
+    text = report.render_result("transformer", result)
+    assert "(`make bench-transformer` runs it again)" in text
+    assert "| config | d_model |" in text and "torch_over_minidist" in text
+
+
+def test_the_transformer_check_catches_a_different_computation():
+    import torch
+
+    bench = load_file("benchmarks/transformer.py", "benchmark_transformer")
+    config = bench.QUICK[0]
+    X, Y, vocab = bench.text_batch(config)
+    model = bench.minidist_gpt(config, vocab, np.float64)
+    torch_model = bench.torch_gpt(model, sdpa=False)
+    bench.copy_weights(model, torch_model)
+    fns = bench.step_functions(model, {"torch": torch_model}, X, Y)
+    assert max(bench.check_same(model, torch_model, fns, "torch")) < 1e-10
+    torch_model = bench.torch_gpt(model, sdpa=False)
+    bench.copy_weights(model, torch_model)
+    with torch.no_grad():
+        torch_model[1].attn.qkv.weight[0, 0] += 1e-3  # one weight off: the check must see it
+    fns = bench.step_functions(model, {"torch": torch_model}, X, Y)
+    loss_gap, grad_gap, _ = bench.check_same(model, torch_model, fns, "torch")
+    assert loss_gap > 1e-10 and grad_gap > 1e-8
+
+
+def test_the_transformer_benchmark_without_torch_times_minidist_alone(tmp_path):
+    script = str(ROOT / "benchmarks" / "transformer.py")
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, script, "--quick", "--threads",
+                           "1", "--quiet-wait", "0", "--retries", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "no ratios" in done.stderr
+    result = json.loads((tmp_path / "transformer.json").read_text())
+    assert result["machine"]["torch"] is None and len(result["rows"]) == 2  # float64, float32
+    for row in result["rows"]:
+        assert row["minidist_ms"] > 0 and row["torch_ms"] is None
+        assert row["torch_over_minidist"] is None and row["loss_gap"] is None
+    assert result["profile"] and result["profile"][0]["self_ms_per_step"] > 0

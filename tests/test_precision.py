@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from minidist import data, nn, optim, precision, train
+from minidist import data, memory, nn, optim, precision, train
 from minidist.precision import MixedPrecision
 
 X, Y = data.load_digits()
@@ -71,8 +71,8 @@ def test_weights_activations_and_gradients_are_rounded_and_stored_in_16_bits(nam
     assert linear0.X.dtype == relu.X.dtype == model.criterion.probs.dtype == HALF[name]
     assert relu.X is linear1.X  # one array, kept by both, as in fp32
     assert model.criterion.labels.dtype == np.int64
-    model.backward()
-    assert linear0.X.dtype == np.float32  # back in fp32 for backward
+    model.backward()  # each layer worked from fp32 copies, and let go of them after
+    assert memory.activation_bytes([*model.layers, model.criterion]) == 0
     reference.params = model.params  # fp32 at the same (rounded) weights: ReLU masks agree
     reference.loss_and_grad(X[rows], Y[rows])
     scale = 1024.0 if name == "fp16" else 1.0  # backward starts from S·∂L/∂z
@@ -214,9 +214,11 @@ MLP64 = functools.partial(nn.mlp, SIZES)
      "needs a float32 model .fp16/bf16 keep fp32 master weights.*dtype=np.float32"),
     ({"precision": "fp32", "model_fn": MLP64}, ValueError, "needs a float32 model"),
     ({"precision": "fp64"}, ValueError, "needs a float64 model.*dtype=np.float64"),
-    ({"loss_scale": 0.0}, ValueError, "loss_scale must be a finite number > 0, got 0.0"),
-    ({"loss_scale": np.inf}, ValueError, "loss_scale must be a finite number > 0"),
-    ({"loss_scale": np.nan}, ValueError, "loss_scale must be a finite number > 0"),
+    ({"loss_scale": 0.0}, ValueError, r"loss_scale must lie in \[2\*\*-24, 2\*\*127\].*got 0.0"),
+    ({"loss_scale": 1e-300}, ValueError, r"loss_scale must lie in \[2\*\*-24, 2\*\*127\]"),
+    ({"loss_scale": 2.0**128}, ValueError, r"loss_scale must lie in \[2\*\*-24, 2\*\*127\]"),
+    ({"loss_scale": np.inf}, ValueError, r"loss_scale must lie in \[2\*\*-24, 2\*\*127\]"),
+    ({"loss_scale": np.nan}, ValueError, r"loss_scale must lie in \[2\*\*-24, 2\*\*127\]"),
     ({"loss_scale": "big"}, TypeError, "loss_scale must be a number"),
     ({"precision": "bf16", "strategy": "distributed_gd", "workers": 2}, ValueError,
      "strategy 'single' or 'data_parallel' only, not 'distributed_gd'"),
@@ -265,3 +267,34 @@ def test_fp16_data_parallel_runs_on_mpi_as_on_threads():
     np.testing.assert_array_equal(runs[0].params, runs[1].params)  # a + b rounds alike
     assert runs[0].stats[0]["all_reduce"]["bytes_sent"] == \
         runs[1].stats[0]["all_reduce"]["bytes_sent"]
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_recompute_in_16_bits_is_the_same_arithmetic_and_counts_16_bit_bytes(name):
+    """A recomputing block's rebuilt arrays make the stored arrays' trip through 16 bits: the
+    same gradients as without recompute, bit for bit, and the rebuilt arrays counted at 16
+    bits."""
+    tokens = np.random.default_rng(2).integers(0, 13, size=(8, 9))
+    X, Y = tokens[:, :-1], tokens[:, 1:]
+    runs = {(p, r): train(functools.partial(nn.gpt, 13, 8, d_model=16, n_heads=2,
+                                            dtype=np.float32, recompute=r),
+                          X, Y, steps=3, batch_size=8, lr=0.05, precision=p)
+            for p in ("fp32", name) for r in (False, True)}
+    np.testing.assert_array_equal(runs[(name, True)].params, runs[(name, False)].params)
+    np.testing.assert_array_equal(runs[(name, True)].loss, runs[(name, False)].loss)
+    act = {key: h.memory[0]["activations"] for key, h in runs.items()}
+    ints = 2 * 8 * 8 * 8  # tokens and targets: int64, the same in every precision
+    assert act[(name, False)] - ints == (act[("fp32", False)] - ints) // 2
+    # with recompute the fullest moment is inside the last block's backward, where in 16 bits
+    # the layers after it have already let go of their fp32 working copies
+    assert act[(name, True)] - ints <= (act[("fp32", True)] - ints) // 2
+    assert act[(name, True)] < act[(name, False)]
+
+
+def test_a_model_handed_out_twice_leaves_a_16_bit_run_as_it_came():
+    model = MLP32()
+    half = train(lambda: model, X, Y, steps=3, precision="bf16")
+    assert model.precision is None and all(layer.rounding is None for layer in model.layers)
+    again = train(lambda: model, X, Y, steps=3)
+    assert again.precision == "fp32" and not representable(again.params, "bf16")
+    assert half.precision == "bf16"

@@ -204,6 +204,19 @@ def test_a_low_temperature_picks_the_argmax():
         logits = model.forward(greedy[:, -CONTEXT:])[:, -1]
         greedy = np.concatenate([greedy, logits.argmax(axis=1)[:, None]], axis=1)
     np.testing.assert_array_equal(model.generate(greedy[:, :2], 8, temperature=1e-6), greedy)
+    # so small that logits / temperature would overflow: still the argmax, never NaN
+    np.testing.assert_array_equal(model.generate(greedy[:, :2], 8, temperature=1e-320), greedy)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([[1, 2, 9]]), r"target 9 at \[0, 2\] is outside the vocabulary: targets must lie "
+                           r"in \[0, 7\)"),
+    (np.array([[1, 2]]), r"targets must have the shape of tokens, \(1, 3\), got \(1, 2\)"),
+])
+def test_bad_targets_are_named(bad, match):
+    model = tiny()
+    with pytest.raises(ValueError, match=match):
+        model.loss(np.array([[1, 2, 3]]), bad)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -30,6 +30,8 @@ COLLECTIVE_TAG = TAG_LIMIT  # + the collective's sequence number mod 2^16
 FINGERPRINT_TAG = TAG_LIMIT + 2**20
 REDUCE_OPS = ("sum", "mean", "max", "min")
 ALGORITHMS = ("naive", "tree", "ring", "recursive_doubling", "native", "auto")
+
+
 def is_numeric(dtype):
     """bool, integer, float or complex, or bfloat16 (ml_dtypes; numpy sees it as kind "V")."""
     return dtype.kind in "biufc" or dtype == ml_dtypes.bfloat16
@@ -212,7 +214,7 @@ class Communicator:
     def _check_op(op, array):
         if op not in REDUCE_OPS:
             raise ValueError(f"unknown op {op!r}; allowed: {', '.join(REDUCE_OPS)}")
-        if op == "mean" and array.dtype.kind not in "fc":
+        if op == "mean" and not (array.dtype.kind in "fc" or array.dtype == ml_dtypes.bfloat16):
             raise ValueError(f"op='mean' needs a float array, got {array.dtype}")
 
     def broadcast(self, array, src=0, algorithm="auto"):

@@ -47,6 +47,23 @@ class Layer:
         raise NotImplementedError
 
 
+def walk(layers):
+    """Every layer of `layers` and, recursively, its sublayers (None skipped)."""
+    for layer in layers:
+        if layer is not None:
+            yield layer
+            yield from walk(layer.sublayers() if hasattr(layer, "sublayers") else [])
+
+
+def drop_activations(layers):
+    """Let go of every array `layers` (and their sublayers) keep for backward: after their
+    backward, or when recomputation will rebuild them. The params/grads views stay."""
+    for layer in walk(layers):
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, np.ndarray):
+                setattr(layer, name, None)
+
+
 class Linear(Layer):
     """Y = X W + b, with W of shape (d_in, d_out).   ∂W = Xᵀ∂Y, ∂b = Σ_n ∂Y, ∂X = ∂Y Wᵀ.
 

@@ -18,7 +18,7 @@ runs wherever its data lives.
 import numpy as np
 
 from minidist import kernels
-from minidist.nn.layers import Linear, ReLU, Tanh
+from minidist.nn.layers import Linear, ReLU, Tanh, drop_activations
 from minidist.nn.losses import MSELoss, SoftmaxCrossEntropy
 
 
@@ -29,8 +29,8 @@ class Sequential:
     are initialised on the host (same values as on numpy) and copied to the device once.
     precision: None, or mixed precision's hooks (minidist.precision.Rounding), called at every
     layer boundary: forward stores what the layers keep in 16 bits and rounds what passes on;
-    backward restores a layer's arrays before its backward, starts from the scaled loss
-    gradient and rounds each activation gradient.
+    backward restores a layer's arrays (in fp32) before its backward and lets go of them after
+    it, starts from the scaled loss gradient and rounds each activation gradient.
     """
 
     precision = None
@@ -144,15 +144,24 @@ class Sequential:
         input_grad, also return ∂L/∂X (skipped otherwise: for a first Linear layer it costs
         as much as ∂W)."""
         hooks = self.precision
-        d = self.criterion.backward() if hooks is None else hooks.loss_gradient(self.criterion)
+        if hooks is None:
+            d = self.criterion.backward()
+        else:
+            d = hooks.loss_gradient(self.criterion)
+            drop_activations([self.criterion])
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
             if hooks is not None:
                 d = hooks.backward_boundary(layer, d)
             if i == 0 and not input_grad and isinstance(layer, Linear):
                 layer.param_grads(d)
+                d = None
+            else:
+                d = layer.backward(d)
+            if hooks is not None:
+                drop_activations([layer])  # its fp32 copies: done with them
+            if d is None:
                 return None
-            d = layer.backward(d)
         return d
 
     def predict(self, X):

@@ -16,7 +16,7 @@ import numpy as np
 
 from minidist.data import check_integer
 from minidist.nn.attention import INIT_STD, CausalSelfAttention
-from minidist.nn.layers import Layer, Linear
+from minidist.nn.layers import Layer, Linear, drop_activations
 from minidist.nn.losses import SoftmaxCrossEntropy
 from minidist.nn.model import Sequential
 
@@ -45,21 +45,22 @@ class Embedding(Layer):
         for name in ("wte", "wpe"):
             params[name][...] = rng.normal(0.0, INIT_STD, params[name].shape)
 
-    def check_tokens(self, tokens):
-        """tokens as an int64 array (N, T), or a TypeError / ValueError saying what is wrong."""
-        tokens = np.asarray(tokens)
+    def check_tokens(self, tokens, name="tokens"):
+        """tokens (or targets: `name`) as an int64 array (N, T), or a TypeError / ValueError
+        saying what is wrong."""
+        tokens, one = np.asarray(tokens), name[:-1]
         if tokens.dtype.kind not in "iu":
-            raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+            raise TypeError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
         if tokens.ndim != 2 or 0 in tokens.shape:
-            raise ValueError(f"tokens must have shape (N, T) with N, T >= 1, got {tokens.shape}")
+            raise ValueError(f"{name} must have shape (N, T) with N, T >= 1, got {tokens.shape}")
         if tokens.shape[1] > self.context:
             raise ValueError(f"sequence length T={tokens.shape[1]} exceeds the model's context "
                              f"of {self.context}")
         bad = np.argwhere((tokens < 0) | (tokens >= self.vocab_size))
         if len(bad):
             n, t = bad[0]
-            raise ValueError(f"token {tokens[n, t]} at [{n}, {t}] is outside the vocabulary: "
-                             f"tokens must lie in [0, {self.vocab_size})")
+            raise ValueError(f"{one} {tokens[n, t]} at [{n}, {t}] is outside the vocabulary: "
+                             f"{name} must lie in [0, {self.vocab_size})")
         return tokens.astype(np.int64)
 
     def forward(self, tokens):
@@ -228,7 +229,7 @@ class Block(Composite):
         out = self._forward(x)
         if self.recompute:
             self.x = x
-            _drop_caches(self.sublayers())
+            drop_activations(self.sublayers())
         return out
 
     def _forward(self, x):
@@ -239,24 +240,17 @@ class Block(Composite):
     def backward(self, d):
         if self.recompute:
             self._forward(self.x)
-            if self.watch is not None:
+            if self.rounding is not None:  # mixed precision: as a stored block's, in 16 bits
+                self.rounding.as_stored(self.sublayers(), self.watch)
+            elif self.watch is not None:
                 self.watch()
         r = self.rounded
         d = r(d + self.ln2.backward(r(self.mlp.backward(d))))
         d = d + self.ln1.backward(r(self.attn.backward(d)))
         if self.recompute:
             self.x = None
-            _drop_caches(self.sublayers())
+            drop_activations(self.sublayers())
         return d
-
-
-def _drop_caches(layers):
-    """Set every array a layer (or its parts) keeps for backward to None."""
-    for layer in layers:
-        for name, value in list(vars(layer).items()):
-            if isinstance(value, np.ndarray):
-                setattr(layer, name, None)
-        _drop_caches(layer.sublayers())
 
 
 class GPT(Sequential):
@@ -290,6 +284,14 @@ class GPT(Sequential):
                 f"d_model={self.d_model}, n_heads={self.n_heads}, n_layers={self.n_layers}, "
                 f"d_ff={self.d_ff}, params={self.num_params})")
 
+    def loss(self, tokens, targets):
+        """The mean cross-entropy over all N·T positions; targets are checked like tokens."""
+        targets = self.layers[0].check_tokens(targets, "targets")
+        if np.shape(tokens) != targets.shape:
+            raise ValueError(f"targets must have the shape of tokens, {np.shape(tokens)}, got "
+                             f"{targets.shape}")
+        return super().loss(tokens, targets)
+
     def generate(self, tokens, n_new, temperature=1.0, seed=0):
         """tokens (N, T) followed by n_new sampled ones, (N, T + n_new): each new token is drawn
         from softmax(logits / temperature) at the last position, the model seeing the last
@@ -304,8 +306,9 @@ class GPT(Sequential):
         tokens = self.layers[0].check_tokens(tokens)
         rng = np.random.default_rng(seed)
         for _ in range(n_new):
-            logits = self.forward(tokens[:, -self.context:])[:, -1] / temperature
-            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            logits = self.forward(tokens[:, -self.context:])[:, -1]
+            with np.errstate(over="ignore"):  # a tiny temperature: −∞ below the max, e^−∞ = 0
+                p = np.exp((logits - logits.max(axis=1, keepdims=True)) / temperature)
             cdf = np.cumsum(p, axis=1)
             cdf /= cdf[:, -1:]
             u = rng.random((len(tokens), 1))

@@ -9,7 +9,8 @@ QSGD, local SGD: the `compression`, `compress_ratio`, `qsgd_levels`, `error_feed
 `local_steps` options), see minidist.parallel.compression.
 
 Mixed precision (job.options "precision" and "loss_scale", from train; minidist.precision):
-with fp16 each rank writes its weighted, loss-scaled gradient into a 16-bit shared buffer and
+with fp16 or bf16 each rank writes its weighted (fp16: loss-scaled) gradient into a 16-bit
+shared buffer and
 the all-reduce sums in 16 bits, sending half of fp32's bytes. Every rank then holds the same
 reduced buffer, so all see the same inf or NaN and skip the same steps.
 """
@@ -55,36 +56,39 @@ def worker(comm, job):
     compressed = compression.make_all_reduce(options, model.num_params, comm.rank, job.seed)
     clock, weighted_losses = Clock(job.steps), []
     mixed.hold(clock.ledger, synced)
-    with mixed.errstate():  # fp16: an overflow is expected (S too large), and skipped
-        for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
-            clock.begin(t)
-            loss, first = 0.0, True
-            for part in range(options["accumulate"]):  # micro-batches, summed before one sync
-                start, stop = shard_bounds(len(rows), part, options["accumulate"])
-                if stop > start:
-                    micro = rows[start:stop]
-                    share = weight * len(micro) / len(rows)  # of the global batch
-                    loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
-                    clock.timed("compute", _accumulate, synced, model.grads, share, first,
-                                event="backward")
-                    first = False
-            if first:  # an empty shard: this rank adds nothing
-                synced[...] = 0.0
-            weighted_losses.append(loss)
-            if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
-                clock.timed("compute", mixed.step, synced / weight)
-                if (t + 1) % options["local_steps"] == 0 or t + 1 == job.steps:
-                    clock.timed("comm", compression.average_parameters, comm, model.params, weight,
-                                event="all_reduce")
-            else:
-                if compressed is not None:
-                    compressed(comm, synced, clock)
+    try:
+        with mixed.errstate():  # fp16: an overflow is expected (S too large), and skipped
+            for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
+                clock.begin(t)
+                loss, first = 0.0, True
+                for part in range(options["accumulate"]):  # micro-batches, summed before one sync
+                    start, stop = shard_bounds(len(rows), part, options["accumulate"])
+                    if stop > start:
+                        micro = rows[start:stop]
+                        share = weight * len(micro) / len(rows)  # of the global batch
+                        loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
+                        clock.timed("compute", _accumulate, synced, model.grads, share, first,
+                                    event="backward")
+                        first = False
+                if first:  # an empty shard: this rank adds nothing
+                    synced[...] = 0.0
+                weighted_losses.append(loss)
+                if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
+                    clock.timed("compute", mixed.step, synced / weight)
+                    if (t + 1) % options["local_steps"] == 0 or t + 1 == job.steps:
+                        clock.timed("comm", compression.average_parameters, comm,
+                                    model.params, weight, event="all_reduce")
                 else:
-                    for bucket in slices:
-                        clock.timed("comm", comm.all_reduce, synced[bucket], "sum",
-                                    options["algorithm"])
-                clock.timed("compute", mixed.step, synced)
-            clock.end()
+                    if compressed is not None:
+                        compressed(comm, synced, clock)
+                    else:
+                        for bucket in slices:
+                            clock.timed("comm", comm.all_reduce, synced[bucket], "sum",
+                                        options["algorithm"])
+                    clock.timed("compute", mixed.step, synced)
+                clock.end()
+    finally:
+        mixed.detach()
     return {**report(comm, mixed.params, weighted_losses, clock), **mixed.record()}
 
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from minidist import memory
+from minidist.nn.layers import walk
 from minidist.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, plan
 
 
@@ -92,11 +93,7 @@ class ModelShard:
 
     def _parts(self):
         """The local layers, their sublayers (a transformer block's parts) and the loss."""
-        def walk(parts):
-            for part in parts:
-                yield part
-                yield from walk(part.sublayers() if hasattr(part, "sublayers") else [])
-        return list(walk(self.layers + ([self.criterion] if self.criterion else [])))
+        return list(walk([*self.layers, self.criterion]))
 
     def save(self):
         """The cached activations of the last forward, of every layer and sublayer (references:

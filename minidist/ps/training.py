@@ -127,7 +127,7 @@ def train_parameter_server(job, workers, backend, timeout):
         "bytes_pulled": [s and s["pull"]["bytes_received"] for s in stats],
         "applied": result.applied, "updates": result.updates, "pulls": result.pulls,
         "log": result.log, "worker_loss": worker_loss, "start_step": start,
-        "server_memory": next(r[3] for r in result.results if r)}
+        "server_memory": next((r[3] for r in result.results if r), [])}
     return History(strategy="parameter_server", workers=workers, model_fn=job.model_fn,
                    params=result.params, loss=loss, step_time=step_time,
                    compute_time=compute_time, comm_time=comm_time,
