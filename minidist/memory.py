@@ -194,3 +194,27 @@ def _count(name, value):
     """`value` as an int >= 0 (data.check_integer's TypeError or ValueError names `name`)."""
     check_integer(name, value, minimum=0)
     return int(value)
+
+
+INT64_PARTS = ("tokens", "labels")  # the parts of gpt_activation_elements kept as int64
+
+
+def gpt_activation_elements(N, T, model):
+    """The elements a GPT keeps for backward after model.loss on (N, T) tokens and int64
+    targets, by part (`INT64_PARTS` are int64, the rest in the model's dtype). Per block:
+
+        ln1, ln2: x̂ and 1/σ        2·(N·T·d + N·T)
+        attention: X, Q, K, V, O    5·N·T·d,  and the softmax P: H·N·T²
+        fc: X, GELU: X, proj: X     N·T·d + 2·N·T·d_ff
+
+    = 16·N·T·d + H·N·T² + 2·N·T for d_ff = 4d: Korthikanti et al. (2022)'s 34·sbh + 5·as²b
+    bytes (16-bit, dropout masks included) less the masks and dropout outputs, 32·sbh + 2·as²b
+    bytes: 16·sbh + as²b elements. With recompute a block keeps only its input, N·T·d, and
+    rebuilds the rest, one block at a time, inside backward. Also: the tokens N·T, the final
+    LayerNorm N·T·d + N·T, the head's input N·T·d and the loss's probabilities N·T·V and labels
+    N·T."""
+    d, H = model.d_model, model.n_heads
+    block = N * T * d if model.recompute else (
+        8 * N * T * d + 2 * N * T * model.d_ff + H * N * T * T + 2 * N * T)
+    return {"tokens": N * T, "blocks": model.n_layers * block, "ln_f": N * T * d + N * T,
+            "head": N * T * d, "probs": N * T * model.vocab_size, "labels": N * T}

@@ -6,7 +6,8 @@ import pytest
 
 from minidist import memory, nn
 from minidist.gradcheck import check_model, numerical_gradient, relative_error
-from minidist.nn.transformer import INT64_PARTS, activation_elements
+from minidist.memory import INT64_PARTS
+from minidist.memory import gpt_activation_elements as activation_elements
 
 V, CONTEXT, D, HEADS = 7, 5, 8, 2
 
