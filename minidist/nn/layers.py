@@ -89,7 +89,8 @@ class Linear(Layer):
         """Y = XW + b, or act(XW + b) in one fused pass with activation "relu" or "tanh"."""
         W = self.params["W"]
         is_array = isinstance(X, np.ndarray) or kernels.is_device_array(X)
-        if not is_array or X.ndim < 2 or X.shape[-1] != self.d_in:
+        if not is_array or X.ndim < 2 or tuple(X.shape)[-1] != self.d_in:  # a tuple: the
+            # CUDA simulator's shapes take no negative index
             shape = getattr(X, "shape", type(X).__name__)
             raise ValueError(f"{self} expects input of shape (N, {self.d_in}) or "
                              f"(N, T, {self.d_in}), got {shape}")
@@ -101,7 +102,7 @@ class Linear(Layer):
         K = kernels.ops_for(X, W)
         if kernels.is_device_array(W):
             X = K.to_device(X)  # the batch crosses to the GPU once, for forward and backward
-        lead = X.shape[:-1]
+        lead = tuple(X.shape)[:-1]
         self.X = X if X.ndim == 2 else X.reshape(-1, self.d_in)
         Y = K.add_bias(K.matmul(self.X, W), self.params["b"], activation)
         return Y if X.ndim == 2 else Y.reshape(*lead, self.d_out)
@@ -109,7 +110,7 @@ class Linear(Layer):
     def backward(self, dY):
         self.param_grads(dY)
         dX = kernels.ops_for(dY).matmul_nt(dY.reshape(-1, self.d_out), self.params["W"])
-        return dX if dY.ndim == 2 else dX.reshape(*dY.shape[:-1], self.d_in)
+        return dX if dY.ndim == 2 else dX.reshape(*tuple(dY.shape)[:-1], self.d_in)
 
     def param_grads(self, dY):
         """Only ∂W and ∂b: what the first layer needs (nobody asks for ∂X of the data)."""
