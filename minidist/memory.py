@@ -15,6 +15,7 @@ al.'s activations per layer).
 import numpy as np
 
 from minidist.data import check_integer
+from minidist.nn.layers import walk
 
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
 
@@ -50,18 +51,9 @@ def activation_bytes(parts):
     """Bytes that `parts` (layers, a loss) keep for their backward right now: every array
     attribute, through the sublayers of composite layers, each array once (array_bytes). The
     `params` and `grads` dicts are views of the flat buffers, not activations, and are skipped."""
-    return sum(_activations(parts, {}).values())
-
-
-def _activations(parts, seen):
-    for part in parts:
-        if part is None:
-            continue
-        _roots([value for name, value in vars(part).items()
-                if name not in ("params", "grads")], seen)
-        if hasattr(part, "sublayers"):
-            _activations(part.sublayers(), seen)
-    return seen
+    kept = [value for part in walk(parts) for name, value in vars(part).items()
+            if name not in ("params", "grads")]
+    return array_bytes(kept)
 
 
 def track(parts, ledger, held=0):

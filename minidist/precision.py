@@ -27,6 +27,8 @@ lifts the gradients out of fp16's underflow; then, with the 16-bit gradients g:
                         in a row, S ← GROWTH·S
 """
 
+import contextlib
+
 import ml_dtypes
 import numpy as np
 
@@ -183,9 +185,21 @@ class MixedPrecision:
         """The loss scale S the next step uses (1 but for fp16)."""
         return 1.0 if self.rounding is None else self.rounding.scale
 
-    def errstate(self):
-        """With fp16, overflow is expected (a too large S): silence numpy's warnings for it."""
-        return np.errstate(over="ignore", invalid="ignore") if self.dynamic else np.errstate()
+    @contextlib.contextmanager
+    def running(self):
+        """The run: with fp16, numpy's overflow warnings silenced (a too large S is expected,
+        and its step skipped); on the way out, however the run ends, the rounding hooks come off
+        the model again (a model that model_fn hands out twice must not keep rounding in a later
+        fp32 run)."""
+        try:
+            with np.errstate(over="ignore", invalid="ignore") if self.dynamic else \
+                    contextlib.nullcontext():
+                yield self
+        finally:
+            if self.rounding is not None:
+                self.model.precision = None
+                for layer in walk(self.model.layers):
+                    layer.rounding = None
 
     def step(self, grads):
         """One step from ∂L/∂θ (times S for fp16) in `grads`, of the model's dtype or already
@@ -221,14 +235,6 @@ class MixedPrecision:
         ledger.hold(params=array_bytes(self.model.params, self.master),
                     grads=array_bytes(self.model.grads, *buffers),
                     optimizer=optimizer_bytes(self.optimizer))
-
-    def detach(self):
-        """Take the rounding hooks off the model again (after a run, or when it failed): a model
-        that model_fn hands out twice must not keep rounding in a later fp32 run."""
-        if self.rounding is not None:
-            self.model.precision = None
-            for layer in walk(self.model.layers):
-                layer.rounding = None
 
     def record(self):
         """For the History: the loss scale each step used, the indices of the skipped steps."""

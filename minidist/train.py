@@ -190,18 +190,15 @@ def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_op
 
         batches = tqdm(batches, total=steps, desc="single", leave=False, disable=None)
     loss, step_time = np.zeros(steps), np.zeros(steps)
-    try:
+    with mixed.running():
         for t, idx in enumerate(batches):
             start = time.perf_counter()
-            with mixed.errstate():
-                loss[t] = model.loss(X[idx], y[idx])
-                memory.track([*model.layers, model.criterion], ledger)
-                model.backward()
+            loss[t] = model.loss(X[idx], y[idx])
+            memory.track([*model.layers, model.criterion], ledger)
+            model.backward()
             _check_finite(loss[t:t + 1], mixed.optimizer.lr, first_step=t)
             mixed.step(model.grads)
             step_time[t] = time.perf_counter() - start
-    finally:
-        mixed.detach()
     return History(strategy="single", workers=1, model_fn=model_fn,
                    params=kernels.to_host(mixed.params),
                    loss=loss, step_time=step_time, compute_time=step_time.copy(),

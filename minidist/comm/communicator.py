@@ -39,13 +39,9 @@ def is_numeric(dtype):
 
 def wire_dtype(dtype):
     """What a message header says about `dtype`: numpy's code ("<f8"), or "bfloat16", whose
-    code "<V2" would not say what the two bytes are."""
+    code "<V2" would not say what the two bytes are; np.dtype reads either back (it knows
+    "bfloat16" once ml_dtypes is imported, as it is here)."""
     return "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.str
-
-
-def dtype_from_wire(code):
-    """The dtype of wire_dtype's string (numpy knows "bfloat16" once ml_dtypes is imported)."""
-    return np.dtype(code)
 
 
 def check_buffer(array, what):

@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from minidist.comm import collectives
 from minidist.comm.calls import CALL_BYTES, NO_CALL, Call
-from minidist.comm.communicator import Communicator, deadline_error, dtype_from_wire, wire_dtype
+from minidist.comm.communicator import Communicator, deadline_error, wire_dtype
 from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
 
 MPI = None  # mpi4py.MPI, imported on first use: importing it starts MPI in this process
@@ -95,7 +95,7 @@ def _unpack(buf):
     words = HEAD + ndim + (HEAD + ndim) % 2
     start = 8 * words + CALL_BYTES
     head = buf[:8 * words].view(np.int64)
-    dtype = dtype_from_wire(head[2:3].view("S8")[0].decode())
+    dtype = np.dtype(head[2:3].view("S8")[0].decode())
     array = buf[start:].view(dtype).reshape(tuple(head[HEAD:HEAD + ndim]))
     return int(head[0]), array, buf[8 * words:start].tobytes()
 

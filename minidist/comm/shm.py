@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from minidist.comm.communicator import dtype_from_wire, wire_dtype
+from minidist.comm.communicator import wire_dtype
 
 STATUS_BYTES = 128
 LINE = 64  # bytes per flag / publish record: one cache line, so ranks do not share lines
@@ -112,7 +112,7 @@ def decode_header(header):
     fields = header[:96].view(np.int64)
     tag, ndim, nbytes = (int(v) for v in fields[:3])
     shape = tuple(int(v) for v in fields[3:3 + ndim])
-    dtype = dtype_from_wire(bytes(header[96:]).rstrip(b"\0").decode())
+    dtype = np.dtype(bytes(header[96:]).rstrip(b"\0").decode())
     return tag, shape, dtype, nbytes
 
 

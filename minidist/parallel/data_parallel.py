@@ -56,39 +56,36 @@ def worker(comm, job):
     compressed = compression.make_all_reduce(options, model.num_params, comm.rank, job.seed)
     clock, weighted_losses = Clock(job.steps), []
     mixed.hold(clock.ledger, synced)
-    try:
-        with mixed.errstate():  # fp16: an overflow is expected (S too large), and skipped
-            for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
-                clock.begin(t)
-                loss, first = 0.0, True
-                for part in range(options["accumulate"]):  # micro-batches, summed before one sync
-                    start, stop = shard_bounds(len(rows), part, options["accumulate"])
-                    if stop > start:
-                        micro = rows[start:stop]
-                        share = weight * len(micro) / len(rows)  # of the global batch
-                        loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
-                        clock.timed("compute", _accumulate, synced, model.grads, share, first,
-                                    event="backward")
-                        first = False
-                if first:  # an empty shard: this rank adds nothing
-                    synced[...] = 0.0
-                weighted_losses.append(loss)
-                if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
-                    clock.timed("compute", mixed.step, synced / weight)
-                    if (t + 1) % options["local_steps"] == 0 or t + 1 == job.steps:
-                        clock.timed("comm", compression.average_parameters, comm,
-                                    model.params, weight, event="all_reduce")
+    with mixed.running():  # fp16: an overflow is expected (S too large), and skipped
+        for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
+            clock.begin(t)
+            loss, first = 0.0, True
+            for part in range(options["accumulate"]):  # micro-batches, summed before one sync
+                start, stop = shard_bounds(len(rows), part, options["accumulate"])
+                if stop > start:
+                    micro = rows[start:stop]
+                    share = weight * len(micro) / len(rows)  # of the global batch
+                    loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
+                    clock.timed("compute", _accumulate, synced, model.grads, share, first,
+                                event="backward")
+                    first = False
+            if first:  # an empty shard: this rank adds nothing
+                synced[...] = 0.0
+            weighted_losses.append(loss)
+            if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
+                clock.timed("compute", mixed.step, synced / weight)
+                if (t + 1) % options["local_steps"] == 0 or t + 1 == job.steps:
+                    clock.timed("comm", compression.average_parameters, comm,
+                                model.params, weight, event="all_reduce")
+            else:
+                if compressed is not None:
+                    compressed(comm, synced, clock)
                 else:
-                    if compressed is not None:
-                        compressed(comm, synced, clock)
-                    else:
-                        for bucket in slices:
-                            clock.timed("comm", comm.all_reduce, synced[bucket], "sum",
-                                        options["algorithm"])
-                    clock.timed("compute", mixed.step, synced)
-                clock.end()
-    finally:
-        mixed.detach()
+                    for bucket in slices:
+                        clock.timed("comm", comm.all_reduce, synced[bucket], "sum",
+                                    options["algorithm"])
+                clock.timed("compute", mixed.step, synced)
+            clock.end()
     return {**report(comm, mixed.params, weighted_losses, clock), **mixed.record()}
 
 
