@@ -57,6 +57,25 @@ class CollectiveMismatchError(RuntimeError):
                    "must make the same call, with the same dtype and shape)", calls)
 
 
+class OutOfMemory(MemoryError):
+    """A rank would hold more than train's max_memory_per_rank: a simulated device's memory
+    wall. Attributes: rank (None: every rank, found from the plan before training), held
+    ({params, grads, optimizer, activations, peak} bytes at that moment, or None when the
+    error came from another process) and budget (bytes)."""
+
+    def __init__(self, message, rank=None, held=None, budget=None):
+        self.rank, self.held, self.budget = rank, None if held is None else dict(held), budget
+        super().__init__(message)
+
+    @classmethod
+    def over(cls, rank, held, budget, when):
+        """The error of `rank` (None: every rank) holding `held` bytes by category, `when`."""
+        who = "every rank" if rank is None else f"rank {rank}"
+        parts = ", ".join(f"{key} {value:,} B" for key, value in held.items() if key != "peak")
+        return cls(f"{who} would hold {held['peak']:,} B {when} ({parts}), over "
+                   f"max_memory_per_rank={budget:,} B", rank, held, budget)
+
+
 def failure_report(exc):
     """What a rank process sends its caller when it fails (remote_failure reads it back)."""
     return ("error", type(exc).__name__, str(exc), traceback.format_exc(),
@@ -69,6 +88,8 @@ def remote_failure(rank, exc_type, text, remote_traceback):
     if exc_type == "CollectiveMismatchError":  # its text names the rank, or gets it in front
         return CollectiveMismatchError(text if text.startswith(f"rank {rank} ")
                                        else f"rank {rank}: {text}")
+    if exc_type == "OutOfMemory":  # the text names the rank, what it held and the budget
+        return OutOfMemory(text, rank)
     return WorkerError(rank, f"{exc_type}: {text}", exc_type, remote_traceback)
 
 

@@ -15,6 +15,7 @@ al.'s activations per layer).
 import numpy as np
 
 from minidist.data import check_integer
+from minidist.errors import OutOfMemory
 from minidist.nn.layers import walk
 
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
@@ -73,25 +74,37 @@ def track(parts, ledger, held=0):
 class Ledger:
     """One rank's memory over a run. Set the persistent state once (`hold`), call `saw` with
     the activation bytes held at each moment they are at their most (after a forward; with a
-    pipeline, after each micro-batch's), then `as_dict()` for History.memory."""
+    pipeline, after each micro-batch's), then `as_dict()` for History.memory.
 
-    def __init__(self):
+    budget: None, or the bytes this rank may hold (train's max_memory_per_rank): a moment
+    whose peak would pass it raises OutOfMemory naming `rank` and what it held."""
+
+    def __init__(self, budget=None, rank=None):
         self.params = self.grads = self.optimizer = 0
         self.activations = self.peak = 0
+        self.budget, self.rank = budget, rank
 
     def hold(self, params=0, grads=0, optimizer=0):
         """The persistent state, in bytes (array_bytes / optimizer_bytes of what is held)."""
         self.params, self.grads, self.optimizer = int(params), int(grads), int(optimizer)
-        self.peak = max(self.peak, self.persistent)
+        self._reach(self.persistent, 0, "in model state")
 
     @property
     def persistent(self):
         return self.params + self.grads + self.optimizer
 
-    def saw(self, activations):
-        """Activations held at one moment of a step; keeps the largest, and the peak."""
-        self.activations = max(self.activations, int(activations))
-        self.peak = max(self.peak, self.persistent + int(activations))
+    def saw(self, activations, transient=0):
+        """Activations held at one moment of a step, and `transient` bytes beside them (ZeRO's
+        gathered parameters, a gradient bucket in flight); keeps the largest, and the peak."""
+        self._reach(self.persistent + int(activations) + int(transient), int(activations),
+                    "during a step")
+
+    def _reach(self, total, activations, when):
+        if self.budget is not None and total > self.budget:
+            held = {**self.as_dict(), "activations": activations, "peak": total}
+            raise OutOfMemory.over(self.rank, held, self.budget, when)
+        self.activations = max(self.activations, activations)
+        self.peak = max(self.peak, total)
 
     def as_dict(self):
         """{params, grads, optimizer, activations, peak}: integer bytes."""

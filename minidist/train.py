@@ -107,7 +107,7 @@ class History:
 def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps=100,
           batch_size=64, lr=0.1, optimizer="sgd", seed=0, optimizer_options=None,
           progress=False, timeout=600.0, precision=None, loss_scale=LOSS_SCALE,
-          **strategy_options):
+          max_memory_per_rank=None, **strategy_options):
     """Train model_fn() on (X, y) for `steps` steps of `batch_size` samples with `strategy`.
 
     lr is a number or a schedule (minidist.optim.linear_warmup); optimizer_options go to the
@@ -115,8 +115,10 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
     apply to the multi-rank strategies (see minidist.launch.run). precision: "fp64", "fp32",
     "fp16" or "bf16" (None: the model's dtype); fp16 and bf16 (strategy "single" or
     "data_parallel", a float32 model) compute in 16 bits over fp32 master weights, fp16 with
-    dynamic loss scaling from loss_scale (minidist.precision). Every argument and the data
-    are checked before any step runs; a run that diverges raises, naming the step.
+    dynamic loss scaling from loss_scale (minidist.precision). max_memory_per_rank: None, or
+    the bytes each rank may hold, a simulated device's memory: a rank that would hold more
+    raises minidist.OutOfMemory (before training when the plan shows it). Every argument and
+    the data are checked before any step runs; a run that diverges raises, naming the step.
     """
     X, y, optimizer_options, precision = check_arguments(
         STRATEGIES, JOB_CHECKS, model_fn, X, y, strategy, workers, backend, steps, batch_size,
@@ -124,11 +126,12 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
         loss_scale)
     if strategy == "single":
         history = _train_single(model_fn, X, y, steps, batch_size, lr, optimizer,
-                                optimizer_options, seed, progress, precision, loss_scale)
+                                optimizer_options, seed, progress, precision, loss_scale,
+                                max_memory_per_rank)
     else:
         history = _train_ranks(model_fn, X, y, strategy, workers, backend, steps, batch_size,
                                lr, optimizer, optimizer_options, seed, progress, timeout,
-                               strategy_options, precision, loss_scale)
+                               strategy_options, precision, loss_scale, max_memory_per_rank)
     history.precision = precision
     if not np.all(np.isfinite(history.params)):
         raise ValueError(f"the parameters became non-finite in the last step ({steps - 1}, "
@@ -138,7 +141,7 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
 
 def _train_ranks(model_fn, X, y, strategy, workers, backend, steps, batch_size, lr, optimizer,
                  optimizer_options, seed, progress, timeout, strategy_options, precision,
-                 loss_scale):
+                 loss_scale, max_memory_per_rank):
     from minidist.launch import run
 
     worker, defaults, _ = STRATEGIES[strategy]
@@ -146,7 +149,8 @@ def _train_ranks(model_fn, X, y, strategy, workers, backend, steps, batch_size, 
     if strategy == "data_parallel":  # the one multi-rank strategy with 16-bit precision
         options.update(precision=precision, loss_scale=loss_scale)
     job = Job(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
-              options, progress=f"{strategy} ×{workers}" if progress else "")
+              options, progress=f"{strategy} ×{workers}" if progress else "",
+              max_memory_per_rank=max_memory_per_rank)
     if strategy == "parameter_server":
         history = parameter_server.train_parameter_server(job, workers, backend, timeout)
         history.loss_scale = np.ones(steps)
@@ -176,13 +180,13 @@ def _check_finite(losses, lr, first_step=0):
 
 
 def _train_single(model_fn, X, y, steps, batch_size, lr, optimizer, optimizer_options, seed,
-                  progress, precision, loss_scale):
+                  progress, precision, loss_scale, max_memory_per_rank):
     """The reference: one process, the whole global batch each step."""
     model = model_fn()
     mixed = MixedPrecision(model, lambda params: optim.make(optimizer, params, lr,
                                                             **optimizer_options),
                            precision, loss_scale)
-    ledger = memory.Ledger()
+    ledger = memory.Ledger(max_memory_per_rank, rank=0)
     mixed.hold(ledger)
     batches = data.step_batches(len(X), batch_size, steps, seed)
     if progress:

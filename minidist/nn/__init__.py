@@ -10,11 +10,11 @@
 from minidist.nn.attention import CausalSelfAttention
 from minidist.nn.layers import Layer, Linear, ReLU, Tanh
 from minidist.nn.losses import MSELoss, SoftmaxCrossEntropy
-from minidist.nn.model import Sequential, linear_regression, logistic_regression, mlp
+from minidist.nn.model import Sequential, UnitHooks, linear_regression, logistic_regression, mlp
 from minidist.nn.transformer import GELU, GPT, Block, Embedding, LayerNorm, gpt
 
 __all__ = [
     "GELU", "GPT", "Block", "CausalSelfAttention", "Embedding", "Layer", "LayerNorm", "Linear",
-    "MSELoss", "ReLU", "Sequential", "SoftmaxCrossEntropy", "Tanh",
+    "MSELoss", "ReLU", "Sequential", "SoftmaxCrossEntropy", "Tanh", "UnitHooks",
     "gpt", "linear_regression", "logistic_regression", "mlp",
 ]

@@ -34,6 +34,7 @@ class Sequential:
     """
 
     precision = None
+    hooks = None  # a UnitHooks (below): what sharded data parallelism does around each layer
 
     def __init__(self, layers, loss, seed=0, dtype=np.float64, device=None):
         self.layers, self.criterion = list(layers), loss
@@ -45,20 +46,40 @@ class Sequential:
         self._params = np.zeros(sum(sizes), dtype=self.dtype)
         self._grads = np.zeros_like(self._params)
         self.slices = {}  # "index.name" -> slice of the flat buffer
+        self.layer_slices = []  # layer i's parameters: the slice layer_slices[i] (maybe empty)
         offset = 0
         rng = np.random.default_rng(seed)
         for i, layer in enumerate(self.layers):
-            p_views, g_views = {}, {}
+            p_views, g_views, first = {}, {}, offset
             for name, shape in layer.param_shapes().items():
                 size = int(np.prod(shape))
                 self.slices[f"{i}.{name}"] = slice(offset, offset + size)
                 p_views[name] = self._params[offset:offset + size].reshape(shape)
                 g_views[name] = self._grads[offset:offset + size].reshape(shape)
                 offset += size
+            self.layer_slices.append(slice(first, offset))
             layer.bind(p_views, g_views)
             layer.init_params(p_views, rng)
         if self.device == "cuda":
             self._to_device()
+
+    def bind_layer(self, i, params, grads):
+        """Point layer i's parameter and gradient views into `params` and `grads`: 1-D arrays
+        the size of layer_slices[i] (None: leave that side as it is). Sharded training binds a
+        layer to buffers it gathers, and lets them go, one unit at a time."""
+        part = self.layer_slices[i]
+        views = []
+        for flat, side in ((params, "params"), (grads, "grads")):
+            if flat is None:
+                views.append(getattr(self.layers[i], side, {}))
+                continue
+            if flat.shape != (part.stop - part.start,):
+                raise ValueError(f"bind_layer({i}): {side} must have shape "
+                                 f"{(part.stop - part.start,)}, got {flat.shape}")
+            views.append({name: flat[self.slices[f"{i}.{name}"].start - part.start:
+                                     self.slices[f"{i}.{name}"].stop - part.start].reshape(shape)
+                          for name, shape in self.layers[i].param_shapes().items()})
+        self.layers[i].bind(*views)
 
     def _to_device(self):
         """Move both buffers to the GPU and re-bind every layer to views of them there."""
@@ -114,13 +135,18 @@ class Sequential:
         i, layers, hooks = 0, self.layers, self.precision
         if hooks is not None:
             X = hooks.forward_boundary((), X)
+        units = self.hooks
         while i < len(layers):
             layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if units is not None:
+                units.before_forward(i)
             if type(layer) is Linear and type(after) in (ReLU, Tanh):
                 X = after.keep_fused_output(layer.forward(X, activation=after.name))
                 ran = layers[i:i + 2]
             else:
                 X, ran = layer.forward(X), layers[i:i + 1]
+            if units is not None:
+                units.after_forward(i)
             i += len(ran)
             if hooks is not None:
                 X = hooks.forward_boundary(ran, X)
@@ -149,15 +175,20 @@ class Sequential:
         else:
             d = hooks.loss_gradient(self.criterion)
             drop_activations([self.criterion])
+        units = self.hooks
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
             if hooks is not None:
                 d = hooks.backward_boundary(layer, d)
+            if units is not None:
+                units.before_backward(i)
             if i == 0 and not input_grad and isinstance(layer, Linear):
                 layer.param_grads(d)
                 d = None
             else:
                 d = layer.backward(d)
+            if units is not None:
+                units.after_backward(i)
             if hooks is not None:
                 drop_activations([layer])  # its fp32 copies: done with them
             if d is None:
@@ -172,6 +203,26 @@ class Sequential:
     def accuracy(self, X, y):
         """Fraction of correct class predictions."""
         return float(np.mean(self.predict(X) == np.asarray(y)))
+
+
+class UnitHooks:
+    """What a Sequential calls around each layer i when `model.hooks` is set: before and after
+    its forward (a Linear fused with its activation counts as the Linear's index), before and
+    after its backward (after_backward(i): layer i's gradients are written). Data parallelism
+    launches a bucket's all-reduce from after_backward; ZeRO-3 gathers a unit's parameters in
+    before_forward and before_backward and frees them after. The defaults do nothing."""
+
+    def before_forward(self, i):
+        pass
+
+    def after_forward(self, i):
+        pass
+
+    def before_backward(self, i):
+        pass
+
+    def after_backward(self, i):
+        pass
 
 
 _ACTIVATIONS = {"relu": (ReLU, 2.0), "tanh": (Tanh, 1.0)}

@@ -19,6 +19,7 @@ import numpy as np
 
 from minidist.data import check_integer, shard_bounds
 from minidist.parallel import compression
+from minidist.parallel.buckets import buckets
 from minidist.parallel.job import Clock, report
 from minidist.precision import LOSS_SCALE, MixedPrecision
 
@@ -38,13 +39,6 @@ def check_options(options):
     compression.check_options(options)
 
 
-def buckets(n_params, itemsize, bucket_bytes):
-    """Contiguous slices of the flat gradient, each at most bucket_bytes (at least one element)."""
-    per_bucket = max(1, bucket_bytes // itemsize)
-    return [slice(start, min(start + per_bucket, n_params))
-            for start in range(0, n_params, per_bucket)] or [slice(0, 0)]
-
-
 def worker(comm, job):
     options = {**OPTIONS, **job.options}
     model = job.model_fn()
@@ -54,7 +48,7 @@ def worker(comm, job):
     synced = comm.alloc(model.grads.shape, mixed.grad_dtype)  # shared: no copy-in to reduce
     slices = buckets(model.num_params, synced.itemsize, options["bucket_bytes"])
     compressed = compression.make_all_reduce(options, model.num_params, comm.rank, job.seed)
-    clock, weighted_losses = Clock(job.steps), []
+    clock, weighted_losses = Clock(job.steps, job.max_memory_per_rank, comm.rank), []
     mixed.hold(clock.ledger, synced)
     with mixed.running():  # fp16: an overflow is expected (S too large), and skipped
         for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):

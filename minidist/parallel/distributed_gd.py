@@ -26,7 +26,7 @@ def worker(comm, job):
     server = comm.rank == 0
     optimizer = job.make_optimizer(model.params) if server else None
     grad = np.empty_like(model.grads)  # what I send; on rank 0, the sum of everyone's
-    clock, weighted_losses = Clock(job.steps), []
+    clock, weighted_losses = Clock(job.steps, job.max_memory_per_rank, comm.rank), []
     clock.ledger.hold(params=memory.array_bytes(model.params),
                       grads=memory.array_bytes(model.grads, grad),
                       optimizer=memory.optimizer_bytes(optimizer))

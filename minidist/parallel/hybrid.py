@@ -101,7 +101,7 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
     topology = topology or Topology(options["dp"], options["tp"], options["pp"])
     groups = topology.split(comm)
     here = topology.coords(comm.rank)
-    clock, losses, peaks = Clock(job.steps), [], []
+    clock, losses, peaks = Clock(job.steps, job.max_memory_per_rank, comm.rank), [], []
     model = job.model_fn()
     start, stop = pipeline.stage_bounds(model, topology.pp, options["cuts"])[here["pp"]]
     shard = ModelShard(model, start, stop, groups["tp"] if topology.tp > 1 else None, clock,

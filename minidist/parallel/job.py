@@ -29,6 +29,7 @@ class Job:
     seed: int
     options: dict = field(default_factory=dict)
     progress: str = ""  # a progress-bar label, shown by rank 0; "" for none
+    max_memory_per_rank: int = None  # bytes a rank may hold (memory.Ledger); None: no limit
 
     def my_batches(self, rank, world_size):
         """(indices of my shard of the global batch, its weight |B_k|/|B|), step by step."""
@@ -59,11 +60,11 @@ class Clock:
     (`ledger`: the worker says what it holds with ledger.hold; forward_backward records the
     activations)."""
 
-    def __init__(self, steps):
+    def __init__(self, steps, budget=None, rank=None):
         self.compute, self.comm, self.step = np.zeros(steps), np.zeros(steps), np.zeros(steps)
         self.t, self.started = 0, 0.0
         self.trace = Trace()
-        self.ledger = memory.Ledger()
+        self.ledger = memory.Ledger(budget, rank)
 
     def begin(self, t):
         self.t, self.started = t, time.perf_counter()

@@ -69,7 +69,7 @@ def worker(client, job):
     memory, the servers' memory)."""
     model = job.model_fn()
     grad = np.empty_like(model.grads)  # |B_k|/|B|·∇L_k, what I push
-    rows_done, trace, ledger = [], Trace(), memory.Ledger()
+    rows_done, trace, ledger = [], Trace(), memory.Ledger(job.max_memory_per_rank, client.rank)
     ledger.hold(params=memory.array_bytes(model.params),
                 grads=memory.array_bytes(model.grads, grad))
     for t, (rows, weight) in enumerate(job.my_batches(client.rank, client.world_size)):
