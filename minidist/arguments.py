@@ -6,18 +6,21 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from minidist import data, kernels, nn, optim
+from minidist import data, kernels, memory, nn, optim
+from minidist.errors import OutOfMemory
 from minidist.launch import BACKENDS
+from minidist.parallel.buckets import units
 from minidist.precision import HALF, PRECISIONS, SCALE_RANGE, resolve
 
 
 def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, backend, steps,
                     batch_size, lr, optimizer, seed, optimizer_options, progress, timeout,
-                    strategy_options, precision, loss_scale):
+                    strategy_options, precision, loss_scale, max_memory_per_rank=None):
     """A TypeError or ValueError naming train()'s first bad argument (and what it may be),
     before anything runs; returns X and y as arrays, the optimizer options as a dict and the
     precision's name. strategies: train's {name: (worker, defaults, check)}; job_checks:
-    {name: check}."""
+    {name: check}. Last, OutOfMemory if the plan shows that every rank's persistent state
+    would pass max_memory_per_rank (`planned_state`)."""
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable (it builds the model), got {model_fn!r}")
     if not isinstance(strategy, str) or strategy not in strategies:
@@ -39,6 +42,8 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
         raise TypeError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     if not 0 < timeout < np.inf:
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if max_memory_per_rank is not None:
+        data.check_integer("max_memory_per_rank", max_memory_per_rank, minimum=1)
     _check_lr(lr, steps)
     optimizer_options = _check_optimizer(optimizer, optimizer_options, lr)
     _, defaults, check = strategies[strategy]
@@ -64,7 +69,43 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
         raise ValueError(f"batch_size={batch_size} exceeds the {len(X)} training rows")
     if strategy in job_checks:
         job_checks[strategy](model_fn, workers, batch_size, strategy_options)
+    held = planned_state(model, strategy, workers, optimizer, precision,
+                         {**defaults, **strategy_options})
+    if max_memory_per_rank is not None and held is not None:
+        total = sum(held.values())
+        if total > max_memory_per_rank:
+            raise OutOfMemory.over(None, {**held, "activations": 0, "peak": total},
+                                   max_memory_per_rank, "before training (from the plan)")
     return X, y, optimizer_options, precision
+
+
+def planned_state(model, strategy, workers, optimizer, precision, options):
+    """{params, grads, optimizer}: the persistent bytes every rank of `strategy` will hold, as
+    its ledger will count them; None where the plan does not tell (strategies other than
+    single, data_parallel and zero, models other than a Sequential). Ψ parameters of b bytes,
+    S optimizer state arrays:
+
+        single         Ψb + Ψb + SΨb        (memory.model_state_bytes)
+        data_parallel  Ψb + 2Ψb + SΨb       (model.grads and the shared all-reduce buffer)
+        zero           memory.zero_state_bytes of the stage, over units(model, bucket_bytes)
+
+    fp16/bf16 hold what minidist's emulation holds (model_state_bytes(emulated=True)), and
+    data_parallel its 16-bit all-reduce buffer beside, 2Ψ."""
+    if strategy not in ("single", "data_parallel", "zero") or not isinstance(model,
+                                                                            nn.Sequential):
+        return None
+    psi, itemsize = model.num_params, model.dtype.itemsize
+    if precision in HALF:
+        held = memory.model_state_bytes(psi, precision, optimizer, emulated=True)
+        if strategy == "data_parallel":
+            held["grads"] += 2 * psi  # its 16-bit all-reduce buffer
+        return held
+    if strategy == "single":
+        return memory.model_state_bytes(psi, precision, optimizer)
+    if strategy == "data_parallel":
+        return memory.zero_state_bytes([psi], 0, workers, itemsize, optimizer)
+    sizes = [unit.size for unit in units(model, options["bucket_bytes"])]
+    return memory.zero_state_bytes(sizes, options["stage"], workers, itemsize, optimizer)
 
 
 def _check_precision(precision, loss_scale, model, strategy, options):

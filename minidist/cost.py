@@ -3,7 +3,8 @@
 Three questions, three tools:
 
 - How many bytes does each rank send and receive?  `bytes_per_rank` / `messages_per_rank`
-  answer *exactly* (the numbers `comm.stats` records), from the algorithms' message patterns.
+  answer *exactly* (the numbers `comm.stats` records), from the algorithms' message patterns;
+  `zero_bytes_per_rank` adds them up for one training step of ZeRO-0/1/2/3.
 - How long should it take?  `time` evaluates the α-β-γ model: α seconds per message, β seconds
   per byte sent, γ seconds per byte reduced (Thakur, Rabenseifner & Gropp, "Optimization of
   collective communication operations in MPICH", IJHPCA 19(1), 2005).
@@ -19,6 +20,7 @@ from time import perf_counter
 import numpy as np
 
 from minidist.data import shard_bounds
+from minidist.memory import check_stage, unit_counts
 
 ALGORITHMS = {  # the algorithms written in collectives.py; the first is the default
     "all_reduce": ("ring", "naive", "tree", "recursive_doubling"),
@@ -131,6 +133,35 @@ def messages_per_rank(collective, algorithm, count, itemsize, world_size, root=0
     algorithm = _check(collective, algorithm, world_size)
     return [m for _, _, m in _traffic(collective, algorithm, count, int(itemsize),
                                       int(world_size), int(root) % int(world_size))]
+
+
+def zero_bytes_per_rank(stage, unit_sizes, itemsize, world_size, rank=0):
+    """{all_reduce, reduce_scatter, all_gather, total}: the bytes `rank` sends in one training
+    step of ZeRO-`stage`, exactly as comm.stats counts them (ring algorithms). Units of u
+    elements are padded to N·c_u, c_u = ⌈u/N⌉; b = itemsize:
+
+        stage 1, 2  reduce-scatter of ∇ (N−1)·Σc_u·b, all-gather of θ (N−1)·Σc_u·b
+        stage 3     the same reduce-scatter; θ gathered twice (before the forward, again
+                    before the backward): 2(N−1)·Σc_u·b
+        stage 0     data parallelism: a ring all-reduce of each unit (bytes_per_rank; with
+                    uneven chunks the ranks send different amounts)
+
+    Rajbhandari et al. 2020 (§7): stages 1 and 2 send what data parallelism sends, 2Ψ(N−1)/N·b
+    (a reduce-scatter plus an all-gather is a ring all-reduce); stage 3 sends 1.5× that."""
+    stage = check_stage(stage)
+    _check("all_reduce", "ring", world_size)
+    p = int(world_size)
+    if not isinstance(rank, (int, np.integer)) or not 0 <= rank < p:
+        raise ValueError(f"rank must be an integer in [0, {p}), got {rank!r}")
+    sizes = unit_counts(unit_sizes)
+    out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
+    if stage == 0:
+        out["all_reduce"] = sum(bytes_per_rank("all_reduce", "ring", u, itemsize, p)[rank][0]
+                                for u in sizes)
+    else:
+        shard = (p - 1) * sum(-(-u // p) for u in sizes) * int(itemsize)
+        out["reduce_scatter"], out["all_gather"] = shard, (2 if stage == 3 else 1) * shard
+    return {**out, "total": sum(out.values())}
 
 
 def time(collective, algorithm, nbytes, world_size, alpha, beta, gamma=0.0):

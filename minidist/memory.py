@@ -1,8 +1,9 @@
 """What a rank holds, in bytes: the ledger behind `History.memory`.
 
 Every figure is counted from the arrays the rank really holds (`nbytes`), never from a formula;
-the tests and lesson 10 compare them with the formulas (ZeRO's 2Ψ + 2Ψ + 12Ψ, Korthikanti et
-al.'s activations per layer).
+the tests and lessons 10 and 11 compare them with the formulas (ZeRO's 2Ψ + 2Ψ + 12Ψ and its
+stages' shards, `zero_model_state_bytes` on paper and `zero_state_bytes` as minidist pads them;
+Korthikanti et al.'s activations per layer).
 
     params, grads, optimizer   the persistent state: the flat buffers and the optimizer's arrays
     activations                the most a step held at once for backward: what the layers keep
@@ -17,6 +18,7 @@ import numpy as np
 from minidist.data import check_integer
 from minidist.errors import OutOfMemory
 from minidist.nn.layers import walk
+from minidist.optim import OPTIMIZERS
 
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
 
@@ -144,6 +146,80 @@ def model_state_bytes(num_params, precision="fp64", optimizer="sgd", emulated=Fa
         per = (4 + 4, 4, per[2] - 4)  # the master moves from optimizer state to params
     psi = _count("num_params", num_params)
     return dict(zip(("params", "grads", "optimizer"), (b * psi for b in per), strict=True))
+
+
+# ZeRO stage -> the model states it shards over the N data-parallel ranks (Rajbhandari et al.
+# 2020, Fig. 1: P_os, P_os+g, P_os+g+p); stage 0 is plain data parallelism.
+ZERO_SHARDED = {0: (), 1: ("optimizer",), 2: ("grads", "optimizer"),
+                3: ("params", "grads", "optimizer")}
+
+
+def check_stage(stage, name="stage"):
+    """`stage` as an int in ZERO_SHARDED (0–3): a TypeError or ValueError naming `name`."""
+    check_integer(name, stage, minimum=0)
+    if stage not in ZERO_SHARDED:
+        raise ValueError(f"{name} must be a ZeRO stage 0, 1, 2 or 3, got {stage!r}")
+    return int(stage)
+
+
+def zero_model_state_bytes(num_params, stage, world_size, precision="fp16", optimizer="adam"):
+    """{params, grads, optimizer}: the model-state bytes per rank of ZeRO-`stage` over N =
+    world_size ranks, the paper's arithmetic (Rajbhandari et al. 2020, Fig. 1) on
+    model_state_bytes' per-parameter bytes, K = the optimizer's:
+
+        stage 0  2Ψ + 2Ψ + KΨ         stage 2  2Ψ + (2 + K)Ψ/N
+        stage 1  2Ψ + 2Ψ + KΨ/N       stage 3  (2 + 2 + K)Ψ/N
+
+    (with mixed-precision Adam, K = 12). A sharded share Ψ/N need not be whole: it is a real
+    number here; zero_state_bytes counts minidist's padded shards exactly."""
+    return zero_shard(model_state_bytes(num_params, precision, optimizer), stage, world_size)
+
+
+def zero_shard(states, stage, world_size):
+    """`states` (bytes by category of one whole replica: params, grads, optimizer, ...) as a
+    rank of ZeRO-`stage` over world_size ranks keeps them: the categories the stage shards
+    (ZERO_SHARDED) divided by N, the others whole."""
+    stage, n = check_stage(stage), _ranks(world_size)
+    return {key: value / n if key in ZERO_SHARDED[stage] else value
+            for key, value in states.items()}
+
+
+def zero_state_bytes(unit_sizes, stage, world_size, itemsize=8, optimizer="sgd"):
+    """{params, grads, optimizer}: the persistent bytes one rank holds under minidist's ZeRO,
+    exactly. Units u (elements each) are padded to N·c_u, c_u = ⌈u/N⌉; Ψ = Σu, shard = Σc_u;
+    S state arrays (SGD's velocity: 1, Adam's m and v: 2), b = itemsize:
+
+        stage 0  Ψb + 2Ψb + SΨb              (data_parallel: model.grads and the all-reduce
+        stage 1  Ψb + Ψb + S·shard·b          buffer it shares with the backend)
+        stage 2  Ψb + shard·b + S·shard·b
+        stage 3  shard·b + shard·b + S·shard·b
+    """
+    stage, n = check_stage(stage), _ranks(world_size)
+    check_integer("itemsize", itemsize, minimum=1)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"zero_state_bytes: unknown optimizer {optimizer!r}; allowed: "
+                         f"{', '.join(OPTIMIZERS)}")
+    sizes = unit_counts(unit_sizes)
+    psi, shard = sum(sizes), sum(-(-u // n) for u in sizes)
+    S = len(OPTIMIZERS[optimizer].state_names)
+    whole = {"params": psi, "grads": 2 * psi if stage == 0 else psi, "optimizer": S * psi}
+    mine = {"params": shard, "grads": shard, "optimizer": S * shard}
+    return {key: int(itemsize) * (mine[key] if key in ZERO_SHARDED[stage] else whole[key])
+            for key in whole}
+
+
+def unit_counts(unit_sizes):
+    """unit_sizes (elements per unit: a list, tuple or 1-D array of integers >= 0) as ints."""
+    if not isinstance(unit_sizes, (list, tuple, range, np.ndarray)):
+        raise TypeError(f"unit_sizes must be a list of element counts, one per unit, got "
+                        f"{unit_sizes!r}")
+    return [_count("unit_sizes", u) for u in unit_sizes]
+
+
+def _ranks(world_size):
+    """world_size as an int >= 1 (check_integer's errors name it)."""
+    check_integer("world_size", world_size, minimum=1)
+    return int(world_size)
 
 
 def transformer_activation_bytes(s, b, h, a, L, bytes_per_value=2, dropout=True,

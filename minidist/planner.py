@@ -5,7 +5,9 @@ by hand: for every grid dp · tp · pp = devices (the `Topology` of minidist.par
 estimates, for the busiest device (the first pipeline stage),
 
     model states  (b_p + b_g + b_o) · Ψ_s,  Ψ_s = Ψ · ⌈L/pp⌉ / (L · tp)       ZeRO (Rajbhandari et
-                  al. 2020): b_p + b_g + b_o = 2 + 2 + 12 = 16 bytes for mixed-precision Adam
+                  al. 2020): b_p + b_g + b_o = 2 + 2 + 12 = 16 bytes for mixed-precision Adam;
+                  ZeRO-1 divides b_o·Ψ_s by dp, ZeRO-2 also b_g·Ψ_s, ZeRO-3 all three
+                  (memory.zero_shard)
     activations   k · ⌈L/pp⌉ · (w + s/tp) · h · b_a · T/(dp·m)                 Korthikanti et al.
                   2022: a transformer layer keeps T·h·(10 + 24/t) bytes in 16-bit (w = 5, s = 12)
                   k micro-batches held: min(pp, m) for 1F1B, m for GPipe (Narayanan et al. 2021)
@@ -15,7 +17,10 @@ estimates, for the busiest device (the first pipeline stage),
                   over tp: 2(tp−1)α + 2(tp−1)/tp · n β each (Megatron-LM: r = 4 per layer)
     pipeline comm per micro-batch, α + nβ to the next stage (activations) and to the previous
                   one (gradients), n = T/(dp·m) · h · b_a
-    data comm     one ring all-reduce of the device's gradient, n = b_g · Ψ_s, over dp
+    data comm     one ring all-reduce of the device's gradient, n = b_g · Ψ_s, over dp; ZeRO-1
+                  and 2: a reduce-scatter of it and an all-gather of θ, the same bytes; ZeRO-3
+                  gathers θ twice, 1.5× (cost.zero_bytes_per_rank). With m micro-batches
+                  ZeRO-2 reduce-scatters, and ZeRO-3 also gathers, once per micro-batch
 
 T = batch · seq_len tokens per step, F the device's FLOP/s, β = 1 / bandwidth (Thakur et al.
 2005, minidist.cost.time). Communication does not overlap compute here: the times are upper
@@ -25,7 +30,8 @@ bounds. Bytes are counted exactly as minidist.cost.bytes_per_rank (and comm.stat
 import math
 from dataclasses import dataclass, field
 
-from minidist.cost import bytes_per_rank, time
+from minidist.cost import bytes_per_rank, time, zero_bytes_per_rank
+from minidist.memory import ZERO_SHARDED, check_stage, zero_shard
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,13 @@ RECIPES = {
     "fp64_momentum": Recipe(8, 8, 8, 8),
 }
 SCHEDULES = ("1f1b", "gpipe")
+ZERO_STAGES = tuple(ZERO_SHARDED)  # plan's default: every stage, 0 (plain data parallel) to 3
 
 
 @dataclass
 class Layout:
-    """One dp × tp × pp grid: bytes per device (memory), seconds per step (time), bytes sent per
-    device per step (sent), each by part with a "total"."""
+    """One dp × tp × pp grid with ZeRO-`zero_stage` over dp: bytes per device (memory), seconds
+    per step (time), bytes sent per device per step (sent), each by part with a "total"."""
 
     dp: int
     tp: int
@@ -81,6 +88,7 @@ class Layout:
     time: dict
     sent: dict
     fits: bool
+    zero_stage: int = 0
 
     @property
     def kind(self):
@@ -93,6 +101,11 @@ class Layout:
     def name(self):
         return f"{self.dp}×{self.tp}×{self.pp}"
 
+    @property
+    def label(self):
+        """The grid and, when it shards over dp, the ZeRO stage: "8×1×1 ZeRO-3"."""
+        return self.name + (f" ZeRO-{self.zero_stage}" if self.zero_stage else "")
+
 
 @dataclass
 class Plan:
@@ -104,15 +117,16 @@ class Plan:
     device_memory: float = 0.0
 
     def table(self, rows=12):
-        head = (f"{'':1} {'dp×tp×pp':>10} {'kind':>8} {'m':>3} {'states':>9} {'activ.':>9} "
-                f"{'total':>9} {'fits':>4} {'compute':>9} {'comm':>9} {'step':>9}")
+        head = (f"{'':1} {'dp×tp×pp':>10} {'kind':>8} {'ZeRO':>4} {'m':>3} {'states':>9} "
+                f"{'activ.':>9} {'total':>9} {'fits':>4} {'compute':>9} {'comm':>9} "
+                f"{'step':>9}")
         lines = [head]
         for lay in self.layouts[:rows]:
             comm = lay.time["tensor"] + lay.time["pipeline"] + lay.time["data"]
             compute = lay.time["compute"] + lay.time["bubble"]
             lines.append(
                 f"{'★' if lay is self.best else '':1} {lay.name:>10} {lay.kind:>8} "
-                f"{lay.micro_batches:>3} {_bytes(lay.memory['states']):>9} "
+                f"{lay.zero_stage:>4} {lay.micro_batches:>3} {_bytes(lay.memory['states']):>9} "
                 f"{_bytes(lay.memory['activations']):>9} {_bytes(lay.memory['total']):>9} "
                 f"{'yes' if lay.fits else 'no':>4} {_seconds(compute):>9} "
                 f"{_seconds(comm):>9} {_seconds(lay.time['total']):>9}")
@@ -123,12 +137,13 @@ class Plan:
     def __str__(self):
         return self.table()
 
-    def find(self, dp, tp, pp):
-        """The layout with this grid (ValueError if it was not possible)."""
+    def find(self, dp, tp, pp, zero_stage=0):
+        """The layout with this grid and ZeRO stage (ValueError if it was not a candidate)."""
         for lay in self.layouts:
-            if (lay.dp, lay.tp, lay.pp) == (dp, tp, pp):
+            if (lay.dp, lay.tp, lay.pp, lay.zero_stage) == (dp, tp, pp, zero_stage):
                 return lay
-        raise ValueError(f"no layout dp×tp×pp = {dp}×{tp}×{pp} among the candidates")
+        raise ValueError(f"no layout dp×tp×pp = {dp}×{tp}×{pp} with ZeRO stage {zero_stage} "
+                         "among the candidates")
 
 
 def _bytes(n):
@@ -173,17 +188,19 @@ def _check(n_params, n_layers, hidden, batch, devices, device_memory, bandwidth,
 def estimate(n_params, n_layers, hidden, batch, devices, device_memory, bandwidth, flops, dp=1,
              tp=1, pp=1, *, seq_len=1, layer="transformer", recipe="mixed_adam",
              micro_batches=None, schedule="1f1b", recompute=False, latency=5e-6,
-             devices_per_node=1, node_bandwidth=None, node_latency=None):
+             devices_per_node=1, node_bandwidth=None, node_latency=None, zero_stage=0):
     """The Layout of one grid dp × tp × pp (see the module's formulas); a ValueError names what
     makes the grid impossible. micro_batches: None means min(4·pp, batch/dp) with a pipeline
     (GPipe's m ≥ 4p), else 1. recompute: keep only each layer's input (2·s·b·h·L bytes,
     Korthikanti et al. 2022) and one layer's activations, at the price of a second forward
     (8 Ψ T FLOPs). Groups of ranks inside one node of `devices_per_node` (tp first, as in
-    Topology's rank order) use node_bandwidth / node_latency."""
+    Topology's rank order) use node_bandwidth / node_latency. zero_stage: 0 (plain data
+    parallelism) or the ZeRO stage 1, 2 or 3 that shards the model states over dp."""
     _check(n_params, n_layers, hidden, batch, devices, device_memory, bandwidth, flops, seq_len,
            layer, recipe, schedule, latency, devices_per_node, node_bandwidth)
     for name, value in (("dp", dp), ("tp", tp), ("pp", pp)):
         _positive(name, value, integer=True)
+    stage = check_stage(zero_stage, "zero_stage")
     if dp * tp * pp != devices:
         raise ValueError(f"dp×tp×pp = {dp}×{tp}×{pp} = {dp * tp * pp} ranks, but devices="
                          f"{devices}: the grid must use every device exactly once")
@@ -214,8 +231,9 @@ def estimate(n_params, n_layers, hidden, batch, devices, device_memory, bandwidt
         activations = held * stage_layers * hidden * recipe.activation * tokens + per_layer
     else:
         activations = held * stage_layers * per_layer
-    memory = {"params": recipe.param * local, "grads": recipe.grad * local,
-              "optimizer": recipe.optimizer * local, "activations": activations}
+    memory = zero_shard({"params": recipe.param * local, "grads": recipe.grad * local,
+                         "optimizer": recipe.optimizer * local}, stage, dp)
+    memory["activations"] = activations
     memory["states"] = memory["params"] + memory["grads"] + memory["optimizer"]
     memory["total"] = memory["states"] + activations
 
@@ -234,58 +252,84 @@ def estimate(n_params, n_layers, hidden, batch, devices, device_memory, bandwidt
     alpha, beta = link(tp * pp)
     sent["pipeline"] = messages * elements * recipe.activation
     seconds["pipeline"] = messages * (alpha + elements * recipe.activation * beta)
-    grads = round(local)
-    sent["data"] = bytes_per_rank("all_reduce", "ring", grads, recipe.grad, dp)[0][0]
-    seconds["data"] = time("all_reduce", "ring", grads * recipe.grad, dp, *link(devices))
+    grads, link_dp = round(local), link(devices)
+    if stage == 0:
+        sent["data"] = bytes_per_rank("all_reduce", "ring", grads, recipe.grad, dp)[0][0]
+        seconds["data"] = time("all_reduce", "ring", grads * recipe.grad, dp, *link_dp)
+    else:  # reduce-scatter ∇, all-gather θ (twice for ZeRO-3); ZeRO-2, 3: per micro-batch
+        rs, ag = (zero_bytes_per_rank(stage, [grads], b, dp) for b in (recipe.grad, recipe.param))
+        times, gathers = (1 if stage == 1 else m), (2 if stage == 3 else 1)
+        sent["data"] = times * (rs["reduce_scatter"] + ag["all_gather"])
+        scatter = time("reduce_scatter", "ring", grads * recipe.grad, dp, *link_dp)
+        gather = time("all_gather", "ring", grads * recipe.param, dp, *link_dp)
+        seconds["data"] = times * (scatter + gathers * gather)
     sent["total"] = sum(sent.values())
     work = (8 if recompute else 6) * n_params * batch * seq_len / (devices * flops)
     seconds["compute"], seconds["bubble"] = work, work * (pp - 1) / m
     seconds["total"] = sum(seconds.values())
-    return Layout(dp, tp, pp, m, memory, seconds, sent, memory["total"] <= device_memory)
+    return Layout(dp, tp, pp, m, memory, seconds, sent, memory["total"] <= device_memory,
+                  stage)
 
 
-def plan(n_params, n_layers, hidden, batch, devices, device_memory, bandwidth, flops, **options):
-    """Every possible dp × tp × pp = devices (`estimate` for each; options as there), the fastest
-    that fits in `device_memory` bytes recommended with its reasons. n_params: Ψ; hidden: the
-    width h; batch: samples per step (of seq_len tokens); bandwidth: bytes/s between devices;
-    flops: FLOP/s of one device. Returns a Plan; print it for a table."""
+def plan(n_params, n_layers, hidden, batch, devices, device_memory, bandwidth, flops,
+         zero_stages=ZERO_STAGES, **options):
+    """Every possible dp × tp × pp = devices, with each ZeRO stage in `zero_stages` over dp
+    (`estimate` for each; options as there; a grid with dp = 1 has nothing to shard and comes
+    once, as stage 0), the fastest that fits in `device_memory` bytes recommended with its
+    reasons; at equal time the lower stage. n_params: Ψ; hidden: the width h; batch: samples
+    per step (of seq_len tokens); bandwidth: bytes/s between devices; flops: FLOP/s of one
+    device. Returns a Plan; print it for a table."""
     _check(n_params, n_layers, hidden, batch, devices, device_memory, bandwidth, flops,
            options.get("seq_len", 1), options.get("layer", "transformer"),
            options.get("recipe", "mixed_adam"), options.get("schedule", "1f1b"),
            options.get("latency", 5e-6), options.get("devices_per_node", 1),
            options.get("node_bandwidth"))
+    if "zero_stage" in options:
+        raise ValueError("plan takes zero_stages, the ZeRO stages to consider (e.g. (0, 3)), "
+                         "not zero_stage")
+    stages = _check_stages(zero_stages)
     layouts, refused = [], []
     for dp in _divisors(devices):
         for tp in _divisors(devices // dp):
-            try:
-                layouts.append(estimate(n_params, n_layers, hidden, batch, devices,
-                                        device_memory, bandwidth, flops, dp, tp,
-                                        devices // (dp * tp), **options))
-            except ValueError as error:
-                refused.append(str(error))
+            for stage in stages if dp > 1 else (0,):
+                try:
+                    layouts.append(estimate(n_params, n_layers, hidden, batch, devices,
+                                            device_memory, bandwidth, flops, dp, tp,
+                                            devices // (dp * tp), zero_stage=stage, **options))
+                except ValueError as error:
+                    refused.append(str(error))
     if not layouts:
         raise ValueError(f"no dp×tp×pp grid of devices={devices} is possible: "
                          + "; ".join(refused[:3]))
-    layouts.sort(key=lambda lay: (not lay.fits, lay.time["total"], lay.memory["total"]))
+    layouts.sort(key=lambda lay: (not lay.fits, lay.time["total"], lay.zero_stage,
+                                  lay.memory["total"]))
     best = layouts[0] if layouts[0].fits else None
-    return Plan(layouts, best, _reasons(layouts, best, device_memory), device_memory)
+    return Plan(layouts, best, _reasons(layouts, best, device_memory, stages), device_memory)
+
+
+def _check_stages(zero_stages):
+    """zero_stages: a non-empty tuple, list or set of ZeRO stages (0–3); sorted, once each."""
+    if not isinstance(zero_stages, (tuple, list, set, frozenset, range)) or not zero_stages:
+        raise ValueError(f"zero_stages must be a non-empty tuple of ZeRO stages from 0, 1, 2, "
+                         f"3, got {zero_stages!r}")
+    return sorted({check_stage(stage, "zero_stages") for stage in zero_stages})
 
 
 def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _reasons(layouts, best, device_memory):
+def _reasons(layouts, best, device_memory, stages):
     limit = _bytes(device_memory)
     fitting = [lay for lay in layouts if lay.fits]
     if best is None:
         small = min(layouts, key=lambda lay: lay.memory["total"])
-        return [f"no layout fits in {limit} per device: the smallest, {small.name} "
+        shard = "" if 3 in stages else ", shard the model states (ZeRO: zero_stages=(0, 1, 2, 3))"
+        return [f"no layout fits in {limit} per device: the smallest, {small.label} "
                 f"({small.kind}), needs {_bytes(small.memory['total'])}",
-                "add devices, recompute activations (recompute=True), shard the optimizer "
-                "state (ZeRO) or lower the batch"]
+                f"add devices, recompute activations (recompute=True){shard} or lower the batch"]
     t, mem = best.time, best.memory
-    out = [f"{best.name} ({best.kind}, {best.micro_batches} micro-batch"
+    out = [f"{best.label} ({best.kind}, {best.micro_batches} micro-batch"
            f"{'es' if best.micro_batches > 1 else ''}) fits: {_bytes(mem['total'])} of {limit} "
            f"per device ({_bytes(mem['states'])} model states, {_bytes(mem['activations'])} "
            "activations)",
@@ -293,14 +337,26 @@ def _reasons(layouts, best, device_memory):
            f"= compute {_seconds(t['compute'])} + bubble {_seconds(t['bubble'])} + tensor "
            f"{_seconds(t['tensor'])} + pipeline {_seconds(t['pipeline'])} + data "
            f"{_seconds(t['data'])}"]
+    plain = {(lay.dp, lay.tp, lay.pp): lay for lay in layouts if lay.zero_stage == 0}
+    twin = plain.get((best.dp, best.tp, best.pp))
+    if best.zero_stage and twin is not None:
+        data_time = (f"the same data communication ({_seconds(t['data'])})"
+                     if t["data"] == twin.time["data"] else f"data communication "
+                     f"{_seconds(t['data'])} instead of {_seconds(twin.time['data'])}")
+        out.append(f"ZeRO-{best.zero_stage} shards the {', '.join(ZERO_SHARDED[best.zero_stage])}"
+                   f" over dp={best.dp}: {_bytes(mem['states'])} of model states per device "
+                   f"instead of {_bytes(twin.memory['states'])}, {data_time}")
     data = next((lay for lay in layouts if lay.kind in ("data", "single")
-                 and lay.tp == lay.pp == 1), None)
+                 and lay.tp == lay.pp == 1 and lay.zero_stage == 0), None)
     if data is not None and not data.fits:
+        sharded = next((lay for lay in fitting if lay.tp == lay.pp == 1), None)
         out.append(f"pure data parallelism does not fit: every replica needs "
                    f"{_bytes(data.memory['total'])} ({_bytes(data.memory['states'])} of model "
-                   "states), so the model must be split")
-    if len(fitting) > 1:
-        second = fitting[1]
-        out.append(f"runner-up {second.name} ({second.kind}): {_seconds(second.time['total'])}"
-                   f", {100 * (second.time['total'] / t['total'] - 1):.0f}% slower")
+                   "states), so " + ("the model must be split" if sharded is None else
+                                     f"they must be sharded: {sharded.label} fits"))
+    second = next((lay for lay in fitting if lay.name != best.name), None)  # another grid
+    if second is not None:
+        out.append(f"runner-up {second.label} ({second.kind}): "
+                   f"{_seconds(second.time['total'])}, "
+                   f"{100 * (second.time['total'] / t['total'] - 1):.0f}% slower")
     return out

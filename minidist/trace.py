@@ -1,13 +1,17 @@
 """Timelines: what every rank did, and when.
 
-A rank records events — forward, backward, send, recv, all_reduce, optimizer, and the idle gaps
-between them — as (name, start, end, step, micro) with start and end from time.perf_counter
-(one monotonic clock for all threads and processes of a machine). From them:
+A rank records events — forward, backward, optimizer, its communication (send, recv and the
+collectives), and the idle gaps between them — as (name, start, end, step, micro) with start
+and end from time.perf_counter (one monotonic clock for all threads and processes of a
+machine). An async collective's event runs from when it started to when it finished, so it may
+lie under a backward, overlapping it. From them:
 
     bubble fraction of a stage = 1 − (forward + backward seconds) / (the pipeline phase's span)
 
 which a GPipe or 1F1B schedule with equal stages brings to (p−1)/(m+p−1). `chrome_trace` writes
-the trace-event JSON that Perfetto (ui.perfetto.dev) and chrome://tracing open.
+the trace-event JSON that Perfetto (ui.perfetto.dev) and chrome://tracing open, a rank's
+communication on a row of its own ("rank k comm": there an async op need not nest in the
+compute it overlaps).
 """
 
 import json
@@ -16,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("forward", "backward", "send", "recv", "all_reduce", "optimizer", "idle")
 COMPUTE = ("forward", "backward")
+COMM = ("send", "recv", "all_reduce", "all_gather", "reduce_scatter", "broadcast")
+KINDS = (*COMPUTE, *COMM, "optimizer", "idle")
 
 
 class Trace:
@@ -87,16 +92,21 @@ def bubble_fraction(events_per_rank, steps=None):
 
 def chrome_trace(events_per_rank, names=None):
     """The Chrome trace-event format: one complete ("X") event per span, microseconds,
-    one thread row per rank. Returns a dict ready for json.dump."""
-    t0 = origin(events_per_rank)
+    one thread row per rank (tid = rank) and one for its communication, if it has any
+    (tid = ranks + rank). Returns a dict ready for json.dump."""
+    t0, ranks = origin(events_per_rank), len(events_per_rank)
     out = []
     for rank, events in enumerate(events_per_rank):
         label = names[rank] if names else f"rank {rank}"
         out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank,
                     "args": {"name": label}})
+        if any(e[0] in COMM for e in events):
+            out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": ranks + rank,
+                        "args": {"name": f"{label} comm"}})
         for name, start, end, step, micro in events:
             args = {"step": int(step)} | ({"micro_batch": int(micro)} if micro >= 0 else {})
-            out.append({"name": name, "cat": name, "ph": "X", "pid": 0, "tid": rank,
+            out.append({"name": name, "cat": name, "ph": "X", "pid": 0,
+                        "tid": ranks + rank if name in COMM else rank,
                         "ts": (start - t0) * 1e6, "dur": (end - start) * 1e6, "args": args})
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from minidist import data, kernels, memory, optim
 from minidist.arguments import check_arguments
-from minidist.parallel import data_parallel, distributed_gd, hybrid, pipeline, tensor_parallel
+from minidist.parallel import data_parallel, distributed_gd, hybrid, pipeline, tensor_parallel, zero
 from minidist.parallel.job import Job
 from minidist.precision import LOSS_SCALE, MixedPrecision
 from minidist.ps import training as parameter_server
@@ -27,10 +27,12 @@ STRATEGIES = {
                         tensor_parallel.check_options),
     "pipeline": (hybrid.pipeline_worker, pipeline.OPTIONS, pipeline.check_options),
     "hybrid": (hybrid.worker, hybrid.OPTIONS, hybrid.check_options),
+    "zero": (zero.worker, zero.OPTIONS, zero.check_options),
 }
 # strategy -> check(model_fn, workers, batch_size, options): shapes that cannot be split
 JOB_CHECKS = {"tensor_parallel": hybrid.check_tensor_parallel,
-              "pipeline": hybrid.check_pipeline, "hybrid": hybrid.check_job}
+              "pipeline": hybrid.check_pipeline, "hybrid": hybrid.check_job,
+              "zero": zero.check_model}
 
 
 @dataclass
@@ -39,13 +41,17 @@ class History:
 
     params: the final parameters (fp16/bf16: the fp32 master weights). loss: the global-batch
     mean loss per step (unscaled; a skipped step's too). step_time, compute_time, comm_time:
-    rank 0's seconds per step. bytes_sent: each rank's payload bytes over the training (stats:
-    the same per operation: bytes, messages, calls, seconds). precision: "fp64", "fp32", "fp16"
-    or "bf16"; loss_scale: the loss scale S each step used (1 but for fp16); skipped_steps: the
-    steps fp16 skipped for an inf or NaN gradient. memory: per rank, the bytes it held
-    (minidist.memory.Ledger.as_dict: params, grads, optimizer, activations, peak);
-    parameter_server: one dict per worker, in rank order ({} for a worker that died), and the
-    servers' shards in ps["server_memory"].
+    rank 0's seconds per step (comm_time: what its communication took, an async op from when
+    it started to when it finished). exposed_comm_time: rank 0's seconds per step blocked on
+    communication, a blocking call's whole time and an async op's only what its wait blocked
+    (data_parallel with overlap=True: what the step waited after its backward); comm_time
+    where a strategy only blocks, zeros for "single". bytes_sent: each rank's payload bytes
+    over the training (stats: the same per operation: bytes, messages, calls, seconds).
+    precision: "fp64", "fp32", "fp16" or "bf16"; loss_scale: the loss scale S each step
+    used (1 but for fp16); skipped_steps: the steps fp16 skipped for an inf or NaN gradient.
+    memory: per rank, the bytes it held (minidist.memory.Ledger.as_dict: params, grads,
+    optimizer, activations, peak); parameter_server: one dict per worker, in rank order ({}
+    for a worker that died), and the servers' shards in ps["server_memory"].
     """
 
     strategy: str
@@ -68,6 +74,11 @@ class History:
     loss_scale: np.ndarray = field(default_factory=lambda: np.ones(0))
     skipped_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     memory: list = field(default_factory=list)
+    exposed_comm_time: np.ndarray = None  # None: comm_time (a strategy that only blocks)
+
+    def __post_init__(self):
+        if self.exposed_comm_time is None:
+            self.exposed_comm_time = np.array(self.comm_time, dtype=np.float64)
 
     def model(self):
         """A fresh model holding the final parameters."""
@@ -123,7 +134,7 @@ def train(model_fn, X, y, strategy="single", workers=1, backend="process", steps
     X, y, optimizer_options, precision = check_arguments(
         STRATEGIES, JOB_CHECKS, model_fn, X, y, strategy, workers, backend, steps, batch_size,
         lr, optimizer, seed, optimizer_options, progress, timeout, strategy_options, precision,
-        loss_scale)
+        loss_scale, max_memory_per_rank)
     if strategy == "single":
         history = _train_single(model_fn, X, y, steps, batch_size, lr, optimizer,
                                 optimizer_options, seed, progress, precision, loss_scale,
@@ -161,6 +172,7 @@ def _train_ranks(model_fn, X, y, strategy, workers, backend, steps, batch_size, 
     return History(strategy=strategy, workers=workers, model_fn=model_fn,
                    params=first["params"], loss=first["loss"], step_time=first["step_time"],
                    compute_time=first["compute_time"], comm_time=first["comm_time"],
+                   exposed_comm_time=first.get("exposed_comm_time"),
                    bytes_sent=[r["bytes_sent"] for r in ranks], backend=backend,
                    options={**defaults, **strategy_options}, stats=[r["stats"] for r in ranks],
                    events=[r.get("events", []) for r in ranks],

@@ -193,3 +193,82 @@ def test_measurements_run_on_the_thread_backend():
     assert cost.measure_gamma(nbytes=2**16) > 0
     assert cost.measure_collective("all_reduce", "ring", 8000, 3, backend="thread",
                                    repeats=2) > 0
+
+
+# ---- ZeRO's bytes: what each stage's collectives send in a step ------------------------------
+
+UNITS = [10, 7, 1, 0, 24]  # elements per unit: uneven over most N, and an empty one
+
+
+def _zero_step(comm, stage, units, dtype):
+    """One step's collectives of ZeRO-`stage` on padded units (stage 0: data parallelism's
+    all-reduce per unit); the bytes comm.stats counted, by operation."""
+    comm.stats.reset()
+    p = comm.world_size
+    for u in units:
+        c = -(-u // p)  # ⌈u/N⌉: the unit padded to N·c
+        if stage == 0:
+            comm.all_reduce(np.ones(u, dtype), algorithm="ring")
+            continue
+        if stage == 3:  # θ gathered before the forward …
+            comm.all_gather(np.ones(c, dtype), algorithm="ring")
+        comm.reduce_scatter(np.ones(p * c, dtype))  # my c elements of ∇
+        comm.all_gather(np.ones(c, dtype), algorithm="ring")  # … (3: before the backward)
+    return {op: comm.stats[op].bytes_sent for op in comm.stats.ops}
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_bytes_equal_comm_stats_exactly(stage, p):
+    for dtype in (np.float64, np.float32):
+        measured = run(_zero_step, p, args=(stage, UNITS, dtype), backend="thread", timeout=30)
+        for rank, counted in enumerate(measured):
+            want = cost.zero_bytes_per_rank(stage, UNITS, np.dtype(dtype).itemsize, p, rank)
+            assert {op: counted.get(op, 0) for op in ("all_reduce", "reduce_scatter",
+                                                      "all_gather")} == \
+                {op: want[op] for op in ("all_reduce", "reduce_scatter", "all_gather")}
+            assert want["total"] == sum(counted.values())
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_zero_sends_what_the_paper_says_when_n_divides_psi(p):
+    """Stages 1 and 2 send a ring all-reduce's 2Ψ(N−1)/N·b; stage 3 1.5× that."""
+    units, b = [16 * p, 8 * p], 2
+    psi = sum(units)
+    ring = cost.bytes_per_rank("all_reduce", "ring", psi, b, p)[0][0]
+    assert ring == 2 * psi * (p - 1) // p * b
+    totals = [cost.zero_bytes_per_rank(stage, units, b, p)["total"] for stage in range(4)]
+    assert totals == [ring, ring, ring, 3 * ring // 2]
+    assert cost.zero_bytes_per_rank(3, units, b, p)["all_gather"] == ring
+
+
+def test_zero_bytes_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="stage must be a ZeRO stage 0, 1, 2 or 3, got 4"):
+        cost.zero_bytes_per_rank(4, [8], 8, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        cost.zero_bytes_per_rank(1, [8], 8, 0)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 2\)"):
+        cost.zero_bytes_per_rank(0, [8], 8, 2, rank=2)
+    with pytest.raises(ValueError, match="unit_sizes must be an integer >= 0"):
+        cost.zero_bytes_per_rank(1, [8, -1], 8, 2)
+    with pytest.raises(TypeError, match="unit_sizes must be an integer >= 0"):
+        cost.zero_bytes_per_rank(1, [8, 2.5], 8, 2)
+    with pytest.raises(TypeError, match="unit_sizes must be a list of element counts"):
+        cost.zero_bytes_per_rank(1, 8, 8, 2)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_bytes_equal_what_a_zero_training_step_sends(stage):
+    """train(strategy="zero"): each rank's reduce-scatter and all-gather bytes per step."""
+    from minidist import data, nn, train
+    from minidist.parallel.buckets import units
+
+    X, y = data.make_classification(32, 6, 3, seed=0)
+    model_fn, steps = (lambda: nn.mlp([6, 8, 8, 3], seed=1)), 2
+    hist = train(model_fn, X, y, strategy="zero", stage=stage, bucket_bytes=1, workers=3,
+                 backend="thread", steps=steps, batch_size=8, lr=0.05)
+    sizes = [unit.size for unit in units(model_fn(), 1)]  # one unit per Linear: 27, 72, 56
+    for rank, stats in enumerate(hist.stats):
+        want = cost.zero_bytes_per_rank(stage, sizes, 8, 3, rank)
+        for op in ("reduce_scatter", "all_gather"):
+            assert stats[op]["bytes_sent"] == steps * want[op]

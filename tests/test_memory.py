@@ -3,11 +3,12 @@ states, Korthikanti et al.'s transformer activations, the MLP's exact count) and
 numbers counted by hand."""
 
 import functools
+import importlib
 
 import numpy as np
 import pytest
 
-from minidist import data, launch, memory, nn, train
+from minidist import OutOfMemory, arguments, data, launch, memory, nn, train
 from minidist.parallel import distributed_gd, hybrid
 from minidist.parallel.job import Job
 from minidist.parallel.shard import ModelShard
@@ -257,3 +258,151 @@ def test_recompute_holds_at_most_the_inputs_and_one_rebuilt_block(strategy, work
         for with_, without in zip(runs[True].memory, runs[False].memory, strict=True):
             assert with_["activations"] == without["activations"] + N * T * d * 8
         np.testing.assert_allclose(runs[True].params, runs[False].params, rtol=0, atol=1e-12)
+
+
+# ---- ZeRO's model states: the paper's arithmetic and minidist's padded shards ---------------
+
+def test_zero_model_state_bytes_is_the_papers_figure_1():
+    """Rajbhandari et al. 2020, Fig. 1: Ψ = 7.5 B, N = 64, mixed-precision Adam (K = 12):
+    120 GB, 31.4 GB, 16.6 GB and 1.9 GB per device for stages 0, 1, 2, 3."""
+    psi, n = 7_500_000_000, 64
+    totals = [sum(memory.zero_model_state_bytes(psi, stage, n).values()) for stage in range(4)]
+    assert totals == [16 * psi, (4 + 12 / n) * psi, (2 + 14 / n) * psi, 16 * psi / n]
+    assert [round(t / 1e9, 1) for t in totals] == [120.0, 31.4, 16.6, 1.9]
+
+
+def test_zero_model_state_bytes_small_exact_cases():
+    assert memory.zero_model_state_bytes(12, 0, 4, "fp64", "sgd") == \
+        memory.model_state_bytes(12, "fp64", "sgd") == {"params": 96, "grads": 96,
+                                                        "optimizer": 96}
+    assert memory.zero_model_state_bytes(12, 1, 4, "fp64", "sgd") == {
+        "params": 96, "grads": 96, "optimizer": 24}
+    assert memory.zero_model_state_bytes(12, 2, 4, "fp32", "adam") == {
+        "params": 48, "grads": 12, "optimizer": 24}
+    assert memory.zero_model_state_bytes(10, 3, 4) == {"params": 5, "grads": 5,
+                                                       "optimizer": 30}  # fp16 Adam: 2, 2, 12
+    with pytest.raises(ValueError, match="stage must be a ZeRO stage 0, 1, 2 or 3, got 4"):
+        memory.zero_model_state_bytes(10, 4, 2)
+    with pytest.raises(TypeError, match="stage must be an integer"):
+        memory.zero_model_state_bytes(10, 1.0, 2)
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
+        memory.zero_model_state_bytes(10, 1, 0)
+
+
+def test_zero_state_bytes_pads_each_unit_to_a_multiple_of_n():
+    # units of 10 and 7 elements over N = 3: shards of ⌈10/3⌉ + ⌈7/3⌉ = 4 + 3 = 7, Ψ = 17
+    assert memory.zero_state_bytes([10, 7], 0, 3) == {"params": 136, "grads": 272,
+                                                      "optimizer": 136}
+    assert memory.zero_state_bytes([10, 7], 1, 3) == {"params": 136, "grads": 136,
+                                                      "optimizer": 56}
+    assert memory.zero_state_bytes([10, 7], 2, 3, optimizer="adam") == {
+        "params": 136, "grads": 56, "optimizer": 112}
+    assert memory.zero_state_bytes([10, 7], 3, 3, itemsize=4) == {"params": 28, "grads": 28,
+                                                                  "optimizer": 28}
+    for stage in (1, 2, 3):  # one rank: the unsharded states, as single holds them
+        assert memory.zero_state_bytes([PSI], stage, 1, optimizer="adam") == \
+            memory.model_state_bytes(PSI, "fp64", "adam")
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        memory.zero_state_bytes([10], 1, 2, optimizer="lamb")
+    with pytest.raises(ValueError, match="unit_sizes must be an integer >= 0"):
+        memory.zero_state_bytes([10, -1], 1, 2)
+
+
+# ---- the budget: from the plan before training, and during the run --------------------------
+
+def _budget_run(strategy, budget, workers=1, optimizer="sgd", **options):
+    return train(MLP, X, Y, strategy=strategy, workers=workers, backend="thread", steps=STEPS,
+                 batch_size=BATCH, lr=0.05, optimizer=optimizer, max_memory_per_rank=budget,
+                 **options)
+
+
+TRAINING = importlib.import_module("minidist.train")  # the module (minidist.train: train())
+
+
+def _no_training(monkeypatch):
+    """Make any start of training fail the test: the single trainer and launch.run."""
+    def started(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(TRAINING, "_train_single", started)
+    monkeypatch.setattr(launch, "run", started)
+
+
+@pytest.mark.parametrize("strategy, workers, grads", [("single", 1, 1), ("data_parallel", 2, 2)])
+@pytest.mark.parametrize("optimizer, states", [("sgd", 1), ("adam", 2)])
+def test_a_budget_the_model_states_pass_raises_before_training(
+        monkeypatch, strategy, workers, grads, optimizer, states):
+    held = {"params": 8 * PSI, "grads": grads * 8 * PSI, "optimizer": states * 8 * PSI}
+    total = sum(held.values())
+    _no_training(monkeypatch)
+    with pytest.raises(OutOfMemory) as caught:
+        _budget_run(strategy, total - 1, workers, optimizer)
+    err = caught.value
+    assert err.rank is None and err.budget == total - 1
+    assert err.held == {**held, "activations": 0, "peak": total}
+    text = str(err)
+    assert text.startswith(f"every rank would hold {total:,} B before training (from the plan)")
+    assert all(f"{key} {value:,} B" in text for key, value in held.items())
+    assert f"max_memory_per_rank={total - 1:,} B" in text
+
+
+@pytest.mark.parametrize("strategy, workers", [("single", 1), ("data_parallel", 2)])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_budget_that_fits_the_peak_trains_and_the_ledger_equals_the_plan(
+        strategy, workers, optimizer):
+    planned = arguments.planned_state(MLP(), strategy, workers, optimizer, "fp64", {})
+    peak = sum(planned.values()) + memory.mlp_activation_bytes(BATCH // workers, SIZES)
+    hist = _budget_run(strategy, peak, workers, optimizer)  # exactly the peak: it fits
+    assert planned == (memory.model_state_bytes(PSI, "fp64", optimizer) if strategy == "single"
+                       else memory.zero_state_bytes([PSI], 0, workers, 8, optimizer))
+    for mem in hist.memory:
+        assert {key: mem[key] for key in planned} == planned and mem["peak"] == peak
+
+
+def test_a_step_that_passes_the_budget_raises_during_the_run():
+    peak = 3 * 8 * PSI + memory.mlp_activation_bytes(BATCH, SIZES)
+    with pytest.raises(OutOfMemory, match="rank 0 would hold .* during a step") as err:
+        _budget_run("single", peak - 1)
+    assert err.value.rank == 0 and err.value.held["peak"] == peak
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_plan_counts_what_16_bit_emulation_holds(monkeypatch, precision):
+    model_fn = functools.partial(nn.mlp, SIZES, seed=1, dtype=np.float32)
+    run = functools.partial(train, model_fn, X.astype(np.float32), Y, steps=STEPS,
+                            batch_size=BATCH, lr=0.01, backend="thread", precision=precision)
+    states = memory.model_state_bytes(PSI, precision, "sgd", emulated=True)
+    hist = run(strategy="data_parallel", workers=2)
+    want = {**states, "grads": states["grads"] + 2 * PSI}  # and the 16-bit all-reduce buffer
+    assert [{key: mem[key] for key in want} for mem in hist.memory] == [want] * 2
+    _no_training(monkeypatch)
+    for strategy, workers, held in (("single", 1, states), ("data_parallel", 2, want)):
+        with pytest.raises(OutOfMemory, match="before training"):
+            run(strategy=strategy, workers=workers,
+                max_memory_per_rank=sum(held.values()) - 1)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("bucket_bytes", [1, 1 << 20])
+def test_the_zero_plan_shards_over_the_units(monkeypatch, stage, bucket_bytes):
+    """strategy="zero": the persistent state of zero_state_bytes over units(model,
+    bucket_bytes), raised before training when it passes the budget."""
+    sizes = [56, 72, 27] if bucket_bytes == 1 else [PSI]  # one unit a layer, or one in all
+    held = memory.zero_state_bytes(sizes, stage, 3, 8, "adam")
+    shard = sum(-(-u // 3) for u in sizes)  # 19 + 24 + 9 = 52, or ⌈155/3⌉ = 52
+    assert held["optimizer"] == 2 * 8 * shard
+    assert held["params"] == 8 * (shard if stage == 3 else PSI)
+    assert held["grads"] == 8 * (PSI if stage == 1 else shard)
+    total = sum(held.values())
+    _no_training(monkeypatch)
+    with pytest.raises(AssertionError, match="training started"):  # it fits: training starts
+        _budget_run("zero", total, 3, "adam", stage=stage, bucket_bytes=bucket_bytes)
+    with pytest.raises(OutOfMemory, match=f"every rank would hold {total:,} B before training"):
+        _budget_run("zero", total - 1, 3, "adam", stage=stage, bucket_bytes=bucket_bytes)
+
+
+@pytest.mark.parametrize("budget, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError),
+                                           (True, TypeError), ("1 GB", TypeError)])
+def test_bad_budgets_are_named(budget, error):
+    with pytest.raises(error, match="max_memory_per_rank must be an integer >= 1"):
+        _budget_run("single", budget)

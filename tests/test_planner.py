@@ -24,7 +24,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import minidist
-from minidist import cost
+from minidist import cost, memory
 
 H, BLOCKS, BATCH, STEPS = 32, 2, 32, 2
 SIZES = [H] * (2 * BLOCKS + 1)  # BLOCKS × (Linear(h→h), ReLU, Linear(h→h)), ReLUs between
@@ -225,3 +225,93 @@ def test_groups_inside_a_host_use_the_host_link():
     across = cost.estimate(**base, tp=16)
     assert across.time["tensor"] == pytest.approx(
         8 * 4 * cost.time("all_reduce", "ring", 16 * 1024 * 2, 16, 0.0, 1 / 1e10))
+
+
+# ---- ZeRO in the planner ---------------------------------------------------------------------
+
+A100_CLUSTER = dict(device_memory=80e9, bandwidth=25e9, flops=0.5 * 312e12, seq_len=2048,
+                    recompute=True, devices_per_node=8, node_bandwidth=300e9)  # lesson 9's
+PAPER = dict(n_layers=32, hidden=4096, batch=64, devices=64, device_memory=32e9,
+             bandwidth=12.5e9, flops=1e14)  # ZeRO's Ψ = 7.5 B example on 64 devices
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_each_zero_stage_model_states_equal_the_papers_formula(stage):
+    psi = 7_500_000_000
+    lay = cost.estimate(psi, **PAPER, dp=64, zero_stage=stage)
+    want = memory.zero_model_state_bytes(psi, stage, 64)  # 2Ψ + 2Ψ + 12Ψ, stage's parts / N
+    assert {key: lay.memory[key] for key in want} == pytest.approx(want, rel=1e-12)
+    assert lay.memory["states"] == pytest.approx(sum(want.values()), rel=1e-12)
+    assert lay.zero_stage == stage and lay.fits == (stage > 0)  # 120 GB, 31.4, 16.6, 1.9 GB
+    # with tp = 2 and pp = 8 a device holds Ψ_s = Ψ/16, sharded over dp = 4
+    grid = cost.estimate(psi, **PAPER, dp=4, tp=2, pp=8, zero_stage=stage)
+    want = memory.zero_model_state_bytes(psi // 16, stage, 4)
+    assert {key: grid.memory[key] for key in want} == pytest.approx(want, rel=1e-12)
+
+
+def test_zero_data_communication_is_the_all_reduce_and_stage_3_half_more():
+    psi, dp = 1_024_000, 8
+    base = dict(n_params=psi, n_layers=4, hidden=64, batch=64, devices=dp, device_memory=1e12,
+                bandwidth=1e10, flops=1e14, dp=dp)
+    ring = 2 * (dp - 1) * (2 * psi) // dp  # a ring all-reduce of the fp16 gradient
+    lays = [cost.estimate(**base, zero_stage=stage) for stage in range(4)]
+    assert [lay.sent["data"] for lay in lays] == [ring, ring, ring, 3 * ring // 2]
+    assert lays[3].sent["data"] == cost.zero_bytes_per_rank(3, [psi], 2, dp)["total"]
+    assert lays[0].time["data"] == lays[1].time["data"] == lays[2].time["data"]
+    assert lays[3].time["data"] == pytest.approx(
+        lays[0].time["data"] + cost.time("all_gather", "ring", 2 * psi, dp, 5e-6, 1e-10))
+    # accumulating 4 micro-batches: ZeRO-2 reduce-scatters each one's gradient, ZeRO-3 also
+    # gathers θ for each; ZeRO-1 (and plain data parallelism) sync once per step
+    micro = [cost.estimate(**base, zero_stage=stage, micro_batches=4).sent["data"]
+             for stage in range(4)]
+    assert micro == [ring, ring, 4 * ring, 6 * ring]
+
+
+def test_with_zero_the_175b_model_is_no_longer_a_pure_pipeline():
+    """GPT-3 175B on 64 A100s (lesson 9): without ZeRO only layouts with pipeline stages fit
+    and the plan is a 64-stage pipeline; with ZeRO a layout using data parallelism with a
+    sharded optimizer fits and is faster."""
+    before = cost.plan(175e9, 96, 12288, 512, 64, zero_stages=(0,), **A100_CLUSTER)
+    assert before.best.name == "1×1×64" and before.best.kind == "pipeline"
+    assert all(lay.pp > 1 for lay in before.layouts if lay.fits)
+    assert all(lay.zero_stage == 0 for lay in before.layouts)
+    after = cost.plan(175e9, 96, 12288, 512, 64, **A100_CLUSTER)
+    best = after.best
+    assert best.dp > 1 and best.zero_stage > 0
+    assert best.time["total"] < before.best.time["total"]
+    twin = after.find(best.dp, best.tp, best.pp)  # the same grid without ZeRO
+    assert not twin.fits and best.memory["states"] < twin.memory["states"]
+    assert best.memory["states"] == pytest.approx(sum(memory.zero_shard(
+        {key: twin.memory[key] for key in ("params", "grads", "optimizer")},
+        best.zero_stage, best.dp).values()))
+    text = str(after)
+    assert "ZeRO" in text.splitlines()[0] and f"{best.label} (hybrid" in text
+    assert f"ZeRO-{best.zero_stage} shards the optimizer over dp={best.dp}" in text
+
+
+def test_every_grid_with_data_parallelism_comes_once_per_stage():
+    result = cost.plan(1e9, 8, 1024, 16, 4, 1e12, 1e10, 1e14, zero_stages=(0, 2))
+    grids = [(lay.dp, lay.tp, lay.pp, lay.zero_stage) for lay in result.layouts]
+    assert len(grids) == len(set(grids))
+    assert {g[3] for g in grids if g[0] == 1} == {0}  # nothing to shard over one replica
+    assert {g[3] for g in grids if g[0] > 1} == {0, 2}
+    assert result.find(4, 1, 1, zero_stage=2).zero_stage == 2
+    with pytest.raises(ValueError, match="with ZeRO stage 3 among the candidates"):
+        result.find(4, 1, 1, zero_stage=3)
+    plain, sharded = result.find(4, 1, 1), result.find(4, 1, 1, zero_stage=2)
+    assert plain.time == sharded.time and plain.fits  # ZeRO-2 sends what the all-reduce sends
+    assert result.layouts.index(plain) < result.layouts.index(sharded)  # at equal time: the
+    # lower stage first
+
+
+def test_zero_options_are_checked():
+    args = (1e6, 4, 64, 32, 4, 1e9, 1e9, 1e9)
+    for stages in ((), (4,), "0", 3):
+        with pytest.raises(ValueError, match="zero_stages"):
+            cost.plan(*args, zero_stages=stages)
+    with pytest.raises(ValueError, match="plan takes zero_stages"):
+        cost.plan(*args, zero_stage=1)
+    with pytest.raises(ValueError, match="zero_stage must be a ZeRO stage 0, 1, 2 or 3"):
+        cost.estimate(*args, dp=4, zero_stage=4)
+    with pytest.raises(TypeError, match="zero_stage must be an integer"):
+        cost.estimate(*args, dp=4, zero_stage=1.0)

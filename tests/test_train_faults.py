@@ -22,6 +22,7 @@ STRATEGIES = {
     "tensor_parallel": {"workers": 2, "backend": "thread"},
     "pipeline": {"workers": 2, "backend": "thread", "micro_batches": 2},
     "hybrid": {"workers": 4, "backend": "thread", "dp": 2, "tp": 2},
+    "zero": {"workers": 2, "backend": "thread", "stage": 3},
     "parameter_server": {"workers": 2, "backend": "process"},
 }
 MODEL_PARALLEL = ["tensor_parallel", "pipeline", "hybrid"]

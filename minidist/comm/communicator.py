@@ -12,6 +12,9 @@ Every rank checks that all ranks make the same collective call (same collective,
 dtype and shape), always, for a few bytes: each message sent inside a collective carries the
 sender's call (calls.py: a short text in the header), and `recv` compares it with its own;
 native paths compare the calls' digests through shared memory (or MPI) before touching any data.
+
+Async ops (`async_op=True` on all_reduce, broadcast, all_gather, reduce_scatter) run the same
+code on the rank's progress thread (work.py); every blocking call first waits for them.
 """
 
 import functools
@@ -23,6 +26,7 @@ import numpy as np
 from minidist.comm import collectives
 from minidist.comm.calls import NO_CALL, Call, describe
 from minidist.comm.stats import Stats
+from minidist.comm.work import AsyncOps, Progress
 from minidist.errors import CollectiveMismatchError, CommTimeout, clock
 
 TAG_LIMIT = 2**30  # user tags lie in [0, TAG_LIMIT)
@@ -56,7 +60,7 @@ def check_buffer(array, what):
     return array
 
 
-class Communicator:
+class Communicator(AsyncOps):
     """One rank's view of a group of `world_size` ranks."""
 
     backend = "base"
@@ -74,6 +78,8 @@ class Communicator:
         self._seq = 0  # collectives called so far
         self._splits = 0
         self._tick, self._user_code = None, {}  # see _returned
+        self._queue = Progress(self.rank)  # this rank's async ops (work.py)
+        self._closing = False  # set by _interrupt: the progress thread must stop
 
     def __repr__(self):
         return f"<{type(self).__name__} rank {self.rank} of {self.world_size}>"
@@ -118,6 +124,8 @@ class Communicator:
     def send(self, array, dst, tag=0):
         """Send `array` to rank `dst`; returns without waiting for the receiver."""
         array = self._check_message(array, dst, tag, "dst")
+        if self._queue.busy:
+            self._queue.settle("send", self.timeout)
         wire = self._wire_tag(tag)
         op = self.stats[self._op or "send"]
         op.bytes_sent += array.nbytes
@@ -134,6 +142,8 @@ class Communicator:
         """Receive the next array from rank `src` with `tag`, waiting at most `timeout` s.
         Inside a collective, the sender's call must be this rank's: else CollectiveMismatchError."""
         self._check_message(None, src, tag, "src")
+        if self._queue.busy:
+            self._queue.settle("recv", self.timeout)
         self._set_status(f"{self._op}: recv from rank {src}" if self._op
                          else f"recv from rank {src}")
         timeout = self.timeout if timeout is None else timeout
@@ -213,14 +223,18 @@ class Communicator:
         if op == "mean" and not (array.dtype.kind in "fc" or array.dtype == ml_dtypes.bfloat16):
             raise ValueError(f"op='mean' needs a float array, got {array.dtype}")
 
-    def broadcast(self, array, src=0, algorithm="auto"):
-        """Copy rank src's array into every rank's `array` (in place); returns it."""
+    def broadcast(self, array, src=0, algorithm="auto", async_op=False):
+        """Copy rank src's array into every rank's `array` (in place); returns it (async_op:
+        a Work whose wait() returns it)."""
         check_buffer(array, "broadcast")
         self._check_root(src, "src")
         run, how = self._algorithm("broadcast", algorithm, ("tree", "native", "auto"), "tree")
-        with self._collective("broadcast", array, ("src", src), ("algorithm", how)):
-            run(array, src)
-        return array
+
+        def body():
+            with self._collective("broadcast", array, ("src", src), ("algorithm", how)):
+                run(array, src)
+            return array
+        return self._submit("broadcast", body) if async_op else body()
 
     def reduce(self, array, dst=0, op="sum"):
         """Rank dst's `array` becomes the elementwise op over all ranks' arrays (in place)."""
@@ -231,31 +245,43 @@ class Communicator:
             collectives.reduce_tree(self, array, dst, op)
         return array
 
-    def all_reduce(self, array, op="sum", algorithm="auto"):
-        """Every rank's `array` becomes the elementwise op over all ranks' arrays (in place)."""
+    def all_reduce(self, array, op="sum", algorithm="auto", async_op=False):
+        """Every rank's `array` becomes the elementwise op over all ranks' arrays (in place);
+        returns it (async_op: a Work whose wait() returns it)."""
         check_buffer(array, "all_reduce")
         self._check_op(op, array)
         run, how = self._algorithm("all_reduce", algorithm, ALGORITHMS, "ring")
-        with self._collective("all_reduce", array, ("op", op), ("algorithm", how)):
-            run(array, op)
-        return array
 
-    def all_gather(self, array, algorithm="auto"):
-        """Returns every rank's array stacked by rank: shape (world_size, *array.shape)."""
+        def body():
+            with self._collective("all_reduce", array, ("op", op), ("algorithm", how)):
+                run(array, op)
+            return array
+        return self._submit("all_reduce", body) if async_op else body()
+
+    def all_gather(self, array, algorithm="auto", async_op=False):
+        """Returns every rank's array stacked by rank: shape (world_size, *array.shape)
+        (async_op: a Work whose wait() returns it)."""
         check_buffer(array, "all_gather")
         run, how = self._algorithm("all_gather", algorithm, ("ring", "native", "auto"), "ring")
-        with self._collective("all_gather", array, ("algorithm", how)):
-            return run(array)
 
-    def reduce_scatter(self, array, op="sum"):
+        def body():
+            with self._collective("all_gather", array, ("algorithm", how)):
+                return run(array)
+        return self._submit("all_gather", body) if async_op else body()
+
+    def reduce_scatter(self, array, op="sum", async_op=False):
         """Reduce over ranks, then return this rank's chunk of rows (axis 0 split as in
-        data.shard: the first len(array) mod p ranks get one row more)."""
+        data.shard: the first len(array) mod p ranks get one row more; async_op: a Work whose
+        wait() returns it)."""
         check_buffer(array, "reduce_scatter")
         self._check_op(op, array)
         if array.ndim == 0:
             raise ValueError("reduce_scatter needs an array with at least one axis to split")
-        with self._collective("reduce_scatter", array, ("op", op)):
-            return collectives.reduce_scatter_ring(self, array, op)
+
+        def body():
+            with self._collective("reduce_scatter", array, ("op", op)):
+                return collectives.reduce_scatter_ring(self, array, op)
+        return self._submit("reduce_scatter", body) if async_op else body()
 
     def gather(self, array, dst=0):
         """Rank dst gets every rank's array stacked by rank; other ranks get None."""
@@ -311,6 +337,8 @@ class _CollectiveCall:
 
     def __enter__(self):
         comm, array = self.comm, self.array
+        if comm._queue.busy:
+            comm._queue.settle(self.name, comm.timeout)
         self.outer = comm._op is None  # a collective built from others counts as one
         if self.outer:
             comm._seq += 1
@@ -340,6 +368,10 @@ class SubCommunicator(Communicator):
                          context)
         self.parent, self.members = parent, members
         self.backend = parent.backend
+        self._queue = parent._queue  # one ordered stream of async ops per rank, over all groups
+
+    def _check_async(self):
+        self.parent._check_async()
 
     def _transport_send(self, array, dst, tag, call):
         self.parent._transport_send(array, self.members[dst], tag, call)
@@ -357,3 +389,8 @@ class SubCommunicator(Communicator):
 def deadline_error(what, timeout):
     """The CommTimeout a rank raises when one of its own receives waits too long."""
     return CommTimeout(f"{what}: nothing arrived within {timeout} s")
+
+
+def closing_error(what):
+    """What a wait on the progress thread raises when its rank ends the run (_interrupt)."""
+    return RuntimeError(f"{what}: interrupted, since the rank is ending its run")

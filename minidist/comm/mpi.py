@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from minidist.comm import collectives
 from minidist.comm.calls import CALL_BYTES, NO_CALL, Call
-from minidist.comm.communicator import Communicator, deadline_error, wire_dtype
+from minidist.comm.communicator import Communicator, closing_error, deadline_error, wire_dtype
 from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
 
 MPI = None  # mpi4py.MPI, imported on first use: importing it starts MPI in this process
@@ -155,6 +155,8 @@ class MPICommunicator(Communicator):
             now = time.monotonic()
             if now > deadline:
                 raise deadline_error(f"rank {self.rank}: {what}", timeout)
+            if self._interrupted():
+                raise closing_error(f"rank {self.rank}: {what}")
             if now - start > YIELD_S:
                 time.sleep(pause)
                 pause = min(2 * pause, MAX_PAUSE_S)
@@ -163,6 +165,18 @@ class MPICommunicator(Communicator):
             else:
                 os.sched_yield()
         return got
+
+    def _check_async(self):
+        """The progress thread calls MPI while the main thread waits, so MPI must have been
+        started with a thread level that allows it (mpi4py asks for THREAD_MULTIPLE)."""
+        level = MPI.Query_thread()
+        if level not in (MPI.THREAD_SERIALIZED, MPI.THREAD_MULTIPLE):
+            names = {MPI.THREAD_SINGLE: "THREAD_SINGLE", MPI.THREAD_FUNNELED: "THREAD_FUNNELED"}
+            raise RuntimeError(
+                f"async_op=True on the MPI backend needs MPI's thread level THREAD_SERIALIZED or "
+                f"THREAD_MULTIPLE (a progress thread calls MPI), but MPI runs at "
+                f"{names.get(level, level)}; set mpi4py.rc.thread_level = 'multiple' (mpi4py's "
+                f"default) before the first `from mpi4py import MPI`")
 
     def _transport_send(self, array, dst, tag, call):
         """Isend a private packed copy; completed requests are dropped from time to time."""
@@ -316,10 +330,14 @@ def _run_this_rank(fn, world_size, args, kwargs, timeout, debug):
     _tell_watcher(world.rank, b"run\n")
     try:
         with threadpool_limits(limits=1):
-            blob = cloudpickle.dumps(fn(comm, *args, **kwargs))
+            result = fn(comm, *args, **kwargs)
+            comm._end_async()  # fn may return with async ops pending: they count too
+        blob = cloudpickle.dumps(result)
+        del result
         comm.finish()
         return [cloudpickle.loads(b) for b in world.allgather(blob)]
     except BaseException as exc:
+        comm._end_async(wait=False)  # first: then only this thread calls MPI
         if comm.peer_failure is not None:  # raised by the report of a rank that failed first
             raise
         report = {"rank": comm.rank, "exc_type": type(exc).__name__, "message": str(exc),

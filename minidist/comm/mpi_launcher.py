@@ -218,9 +218,13 @@ def worker(workdir):
         fn, args, kwargs, timeout, debug = cloudpickle.loads(job["job"])
         comm = mpi.MPICommunicator(world, timeout, debug)
         with threadpool_limits(limits=1):
-            _write(workdir / f"result-{rank}", cloudpickle.dumps(fn(comm, *args, **kwargs)))
+            result = fn(comm, *args, **kwargs)
+            comm._end_async()  # fn may return with async ops pending: they count too
+            _write(workdir / f"result-{rank}", cloudpickle.dumps(result))
         comm.finish()
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the caller
+        if comm is not None:
+            comm._end_async(wait=False)  # first: then only this thread calls MPI
         _write(workdir / f"failure-{rank}", pickle.dumps({
             "rank": rank, "exc_type": type(exc).__name__, "message": str(exc),
             "traceback": traceback.format_exc(), "time": time.time(),

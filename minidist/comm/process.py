@@ -18,12 +18,13 @@ import numpy as np
 from minidist.comm import shm
 from minidist.comm.calls import CALL_BYTES, Call
 from minidist.comm.collectives import UFUNCS
-from minidist.comm.communicator import Communicator, deadline_error
+from minidist.comm.communicator import Communicator, closing_error, deadline_error
 from minidist.comm.shm import attach
 from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError
 
 SPINS = 200  # recv polls this many times (yielding the core) before it sleeps on the doorbell
+SPIN_BARRIER = 10_000  # a barrier yields this many times before it naps (50 µs at a time)
 HEADER = shm.MESSAGE_HEADER + CALL_BYTES  # a message's header, then the call it is part of
 SMALL = shm.SMALL - CALL_BYTES  # data bytes of a small slot; its last CALL_BYTES hold a call
 
@@ -120,6 +121,7 @@ class ProcessCommunicator(Communicator):
                         for s in range(p) if s != rank}
         self.stash = defaultdict(deque)  # (src, tag) -> arrays that arrived before they were asked
         self.segments, self.peer_segments = [], {}  # this rank's buffers; peers' ones, mapped
+        self.alloc_lock = threading.Lock()
         self.scratch = None
         self.barriers = self.small_calls = 0
         start = layout.status + rank * shm.STATUS_BYTES
@@ -168,6 +170,8 @@ class ProcessCommunicator(Communicator):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise deadline_error(f"rank {self.rank}: recv from rank {src}", timeout)
+                if self._interrupted():
+                    raise closing_error(f"rank {self.rank}: recv from rank {src}")
                 self.doorbell.acquire(timeout=left)  # any sender's write wakes us; re-check
                 continue
             step = min(available, len(out) - position)
@@ -179,8 +183,14 @@ class ProcessCommunicator(Communicator):
         for outbox in self.outboxes.values():
             outbox.flush()
 
+    def _interrupt(self):
+        super()._interrupt()
+        self.doorbell.release()  # wake a recv asleep on it: it sees _interrupted()
+
     def close(self):
-        """Let go of every view into shared memory, then unmap it (the launcher unlinks)."""
+        """Stop the progress thread; let go of every view into shared memory, then unmap it (the
+        launcher unlinks)."""
+        self._end_async(wait=False)
         self.outboxes = self.inboxes = self.small_slots = self.call_rows = self.scratch = None
         self.slot_views, self.status_row = {}, None
         for view in [*self.digests, self.flags, self.published]:
@@ -197,8 +207,9 @@ class ProcessCommunicator(Communicator):
         copy-in, since the other ranks can read it where it lies."""
         dtype = np.dtype(dtype)
         nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-        segment = attach(f"{self.prefix}_r{self.rank}_{len(self.segments)}", True, nbytes)
-        self.segments.append(segment)
+        with self.alloc_lock:  # the progress thread allocates scratch (_publish): one name each
+            segment = attach(f"{self.prefix}_r{self.rank}_{len(self.segments)}", True, nbytes)
+            self.segments.append(segment)
         return np.ndarray(shape, dtype, segment.buf)
 
     def _locate(self, array):
@@ -238,13 +249,17 @@ class ProcessCommunicator(Communicator):
         self.barriers += 1
         self.flags[self.rank] = self.barriers
         deadline, spins = time.monotonic() + self.timeout, 0
+        # the progress thread naps from the start: a spin would take the core from the compute
+        # its op is meant to overlap (on 2 cores, the backward of the same rank)
+        patient = SPIN_BARRIER if threading.current_thread() is not self._queue.thread else 0
         for src in range(self.world_size):
             while self.flags[src] < self.barriers:
                 spins += 1
-                if spins % 64 == 0 and time.monotonic() > deadline:
-                    raise deadline_error(f"rank {self.rank}: {self._op} waiting for rank {src}",
-                                         self.timeout)
-                os.sched_yield() if spins < 10_000 else time.sleep(50e-6)
+                if spins % 64 == 0 and (self._interrupted() or time.monotonic() > deadline):
+                    what = f"rank {self.rank}: {self._op} waiting for rank {src}"
+                    raise closing_error(what) if self._interrupted() else \
+                        deadline_error(what, self.timeout)
+                os.sched_yield() if spins < patient else time.sleep(50e-6)
 
     def _meet(self):
         """The first barrier of a native collective, which also checks that every rank made the

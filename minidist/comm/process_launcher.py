@@ -46,6 +46,7 @@ def _rank_main(rank, world_size, prefix, capacity, timeout, debug, doorbells, sp
                                    spaces)
         fn, args, kwargs = cloudpickle.loads(payload)
         result = fn(comm, *args, **kwargs)
+        comm._end_async()  # fn may return with async ops pending: they count too
         comm.flush()
         comm._set_status("finished")
         message = ("ok", cloudpickle.dumps(result))

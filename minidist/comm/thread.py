@@ -173,6 +173,7 @@ def _run_threads(fn, world_size, args, kwargs, timeout, debug, pool_threads):
         try:
             with threadpool_limits(limits=pool_threads, user_api="openmp"):
                 results[rank] = fn(comm, *args, **kwargs)
+                comm._end_async()  # fn may return with async ops pending: they count too
             world.status[rank] = "finished"
         except Aborted:
             world.status[rank] = "aborted"
@@ -182,6 +183,8 @@ def _run_threads(fn, world_size, args, kwargs, timeout, debug, pool_threads):
                     snapshot.update(enumerate(world.status))
                 failures.append((rank, exc, traceback.format_exc()))
             world.abort()
+        finally:  # the world is aborted unless fn returned: an async op running ends at once
+            comm._end_async(wait=False)
         with lock:
             returned.add(rank)
             if failures or len(returned) == world_size:

@@ -6,7 +6,7 @@ prints as ✔ or ✘ with the reason, and is truthy when passed. One module per 
 
     gradient_descent (1) · gpu_kernels (2) · collectives (3) · distributed_gd (4) ·
     data_parallel (5) · parameter_server (6) · model_parallel (7) · compression (8) · planning (9) ·
-    transformers (10)
+    transformers (10) · sharding (11)
 """
 
 from minidist.exercises._common import Check
@@ -28,6 +28,7 @@ from minidist.exercises.model_parallel import (
 )
 from minidist.exercises.parameter_server import check_server_traffic, check_ssp_rule
 from minidist.exercises.planning import check_model_states, check_pipeline_compute
+from minidist.exercises.sharding import check_bucket_hooks, check_zero1_step
 from minidist.exercises.transformers import check_causal_attention, check_layernorm_backward
 
 __all__ = [
@@ -36,5 +37,6 @@ __all__ = [
     "check_bucket_slices", "check_ssp_rule", "check_server_traffic", "check_row_parallel_backward",
     "check_bubble_fraction", "check_tensor_parallel_params", "check_topk_error_feedback",
     "check_qsgd_codes", "check_model_states", "check_pipeline_compute",
-    "check_causal_attention", "check_layernorm_backward",
+    "check_causal_attention", "check_layernorm_backward", "check_zero1_step",
+    "check_bucket_hooks",
 ]

@@ -43,7 +43,8 @@ class Sequential:
             raise ValueError(f"model dtype must be a float type, got {self.dtype}")
         self.device = kernels.resolve(device)
         sizes = [int(np.prod(s)) for layer in self.layers for s in layer.param_shapes().values()]
-        self._params = np.zeros(sum(sizes), dtype=self.dtype)
+        self._num_params = sum(sizes)
+        self._params = np.zeros(self._num_params, dtype=self.dtype)
         self._grads = np.zeros_like(self._params)
         self.slices = {}  # "index.name" -> slice of the flat buffer
         self.layer_slices = []  # layer i's parameters: the slice layer_slices[i] (maybe empty)
@@ -100,7 +101,15 @@ class Sequential:
 
     @property
     def num_params(self):
-        return self._params.size
+        return self._num_params
+
+    def release(self, buffer):
+        """Drop the model's own flat "params" or "grads" buffer: sharded training (ZeRO) keeps
+        pieces of it elsewhere and points the layers at them with bind_layer, so that nothing
+        holds the whole buffer any more. num_params still answers."""
+        if buffer not in ("params", "grads"):
+            raise ValueError(f"release takes 'params' or 'grads', got {buffer!r}")
+        setattr(self, f"_{buffer}", None)
 
     @property
     def params(self):

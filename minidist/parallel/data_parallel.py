@@ -13,22 +13,36 @@ with fp16 or bf16 each rank writes its weighted (fp16: loss-scaled) gradient int
 shared buffer and
 the all-reduce sums in 16 bits, sending half of fp32's bytes. Every rank then holds the same
 reduced buffer, so all see the same inf or NaN and skip the same steps.
+
+Overlap (overlap=True, as PyTorch's DDP): the buffer is cut into layer-aligned units
+(buckets.units, last layer first, each at most bucket_bytes). The model gets a hook
+(`Overlap`, a minidist.nn.UnitHooks) that, the moment the backward has written a unit's
+gradients, copies them (weighted) into the unit's part of the buffer and launches its
+all-reduce with async_op=True; the backward of the earlier layers runs on while it travels.
+With accumulate > 1 only the last micro-batch's backward launches (the earlier ones add up, as
+DDP's no_sync). After the backward the step waits for every handle, the time it spends blocked
+there being its *exposed* communication (History.exposed_comm_time), then steps.
 """
+
+import contextlib
 
 import numpy as np
 
 from minidist.data import check_integer, shard_bounds
+from minidist.nn import UnitHooks
 from minidist.parallel import compression
-from minidist.parallel.buckets import buckets
+from minidist.parallel.buckets import buckets, units
 from minidist.parallel.job import Clock, report
 from minidist.precision import LOSS_SCALE, MixedPrecision
 
-OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto", **compression.OPTIONS}
+OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto", "overlap": False,
+           **compression.OPTIONS}
 
 
 def check_options(options):
     """bucket_bytes >= 1, accumulate >= 1 (integers), algorithm one of the all-reduce
-    algorithms."""
+    algorithms; overlap not with compression or local_steps > 1 (they send something else
+    than the gradient's buckets)."""
     from minidist.comm import ALGORITHMS
 
     check_integer("bucket_bytes", options.get("bucket_bytes", 1))
@@ -37,6 +51,12 @@ def check_options(options):
         raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
                          f"allowed: {', '.join(ALGORITHMS)}")
     compression.check_options(options)
+    if options.get("overlap", False) and (options.get("compression") is not None
+                                          or options.get("local_steps", 1) > 1):
+        raise ValueError("overlap=True all-reduces the gradient's buckets during the backward: "
+                         "it does not combine with compression "
+                         f"(got {options.get('compression')!r}) or local_steps > 1 "
+                         f"(got {options.get('local_steps', 1)}); use overlap=False for those")
 
 
 def worker(comm, job):
@@ -50,20 +70,25 @@ def worker(comm, job):
     compressed = compression.make_all_reduce(options, model.num_params, comm.rank, job.seed)
     clock, weighted_losses = Clock(job.steps, job.max_memory_per_rank, comm.rank), []
     mixed.hold(clock.ledger, synced)
-    with mixed.running():  # fp16: an overflow is expected (S too large), and skipped
+    overlap = Overlap(comm, clock, model, synced, options) if options["overlap"] else None
+    hooked = overlap.attached() if overlap else contextlib.nullcontext()
+    with mixed.running(), hooked:  # fp16: an overflow is expected (S too large), and skipped
         for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
             clock.begin(t)
-            loss, first = 0.0, True
-            for part in range(options["accumulate"]):  # micro-batches, summed before one sync
-                start, stop = shard_bounds(len(rows), part, options["accumulate"])
-                if stop > start:
-                    micro = rows[start:stop]
-                    share = weight * len(micro) / len(rows)  # of the global batch
-                    loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
-                    clock.timed("compute", _accumulate, synced, model.grads, share, first,
+            loss, accumulate = 0.0, options["accumulate"]
+            bounds = (shard_bounds(len(rows), part, accumulate) for part in range(accumulate))
+            parts = [(start, stop) for start, stop in bounds if stop > start]  # non-empty
+            for n, (start, stop) in enumerate(parts):  # micro-batches, summed before one sync
+                micro = rows[start:stop]
+                share = weight * len(micro) / len(rows)  # of the global batch
+                launch = overlap is not None and n == len(parts) - 1
+                if launch:  # this backward's hooks add the last share and launch the buckets
+                    overlap.arm(share, first=n == 0)
+                loss += share * clock.forward_backward(model, job.X[micro], job.y[micro])
+                if not launch:
+                    clock.timed("compute", _accumulate, synced, model.grads, share, n == 0,
                                 event="backward")
-                    first = False
-            if first:  # an empty shard: this rank adds nothing
+            if not parts:  # an empty shard: this rank adds nothing
                 synced[...] = 0.0
             weighted_losses.append(loss)
             if options["local_steps"] > 1:  # local SGD: my own step; θ averaged every H steps
@@ -72,7 +97,9 @@ def worker(comm, job):
                     clock.timed("comm", compression.average_parameters, comm,
                                 model.params, weight, event="all_reduce")
             else:
-                if compressed is not None:
+                if overlap is not None:
+                    overlap.finish()
+                elif compressed is not None:
                     compressed(comm, synced, clock)
                 else:
                     for bucket in slices:
@@ -80,7 +107,9 @@ def worker(comm, job):
                                     options["algorithm"])
                 clock.timed("compute", mixed.step, synced)
             clock.end()
-    return {**report(comm, mixed.params, weighted_losses, clock), **mixed.record()}
+    details = {} if overlap is None else {"launches": overlap.launches}
+    return {**report(comm, mixed.params, weighted_losses, clock), **mixed.record(),
+            "details": details}
 
 
 def _accumulate(total, grads, share, first):
@@ -89,3 +118,54 @@ def _accumulate(total, grads, share, first):
         np.multiply(grads, share, out=total)
     else:
         total += share * grads
+
+
+class Overlap(UnitHooks):
+    """DDP's bucket hook. Armed for a backward (`arm`), after_backward(i) of a unit's first
+    layer i writes the unit's gradient times `share` into synced[unit.part] (added to what is
+    there unless `first`) and launches its all-reduce asynchronously; `finish` waits for them.
+    launches: (step, the unit's first layer, when its all-reduce was issued), one per launch."""
+
+    def __init__(self, comm, clock, model, synced, options):
+        self.comm, self.clock, self.model, self.synced = comm, clock, model, synced
+        self.algorithm = options["algorithm"]
+        self.units = units(model, options["bucket_bytes"], synced.itemsize)
+        self.by_first = {unit.first: unit for unit in self.units}
+        self.share, self.first, self.pending, self.launches = None, True, [], []
+
+    @contextlib.contextmanager
+    def attached(self):
+        """The hook on the model for the run, off again however the run ends."""
+        before, self.model.hooks = self.model.hooks, self
+        try:
+            yield self
+        finally:
+            self.model.hooks = before
+
+    def arm(self, share, first):
+        self.share, self.first = share, first
+
+    def after_backward(self, i):
+        unit = self.by_first.get(i)
+        if self.share is not None and unit is not None:
+            _accumulate(self.synced[unit.part], self.model.grads[unit.part], self.share,
+                        self.first)
+            self._launch(unit)
+
+    def _launch(self, unit):
+        work = self.comm.all_reduce(self.synced[unit.part], "sum", self.algorithm,
+                                    async_op=True)
+        self.pending.append((unit, work))
+        self.launches.append((self.clock.t, unit.first, work.issued))
+
+    def finish(self):
+        """Launch what no backward launched (a rank with an empty shard sends its zeros, so
+        every rank makes the same calls), then wait for every bucket: the exposed part."""
+        self.share = None
+        launched = {unit.first for unit, _ in self.pending}
+        for unit in self.units:
+            if unit.first not in launched:
+                self._launch(unit)
+        for _, work in self.pending:
+            self.clock.wait(work)
+        self.pending = []

@@ -58,10 +58,22 @@ class Clock:
     """Per-step wall, compute and communication seconds on this rank, its timeline (`trace`:
     every timed call becomes an event named by `event=` or after the function) and its memory
     (`ledger`: the worker says what it holds with ledger.hold; forward_backward records the
-    activations)."""
+    activations).
+
+    comm counts the seconds communication ran, exposed the seconds the step was blocked on it:
+
+        blocking call (timed("comm", ...)):   comm += its seconds,   exposed += the same
+        async op (wait(work)):                comm += finished − started,
+                                              exposed += max(0, finished − the wait's call)
+
+    so a step whose async ops ran beneath its backward has exposed < comm. (An async op's
+    exposed time ends at its finish, not when the waiting thread wakes up after it: that
+    scheduling lag is no communication.) Wait for a step's async ops before its next blocking
+    call (which would wait for them too, and count it)."""
 
     def __init__(self, steps, budget=None, rank=None):
         self.compute, self.comm, self.step = np.zeros(steps), np.zeros(steps), np.zeros(steps)
+        self.exposed = np.zeros(steps)
         self.t, self.started = 0, 0.0
         self.trace = Trace()
         self.ledger = memory.Ledger(budget, rank)
@@ -79,8 +91,22 @@ class Clock:
         result = fn(*args)
         end = time.perf_counter()
         getattr(self, kind)[self.t] += end - start
+        if kind == "comm":  # blocked on it the whole time
+            self.exposed[self.t] += end - start
         name = event or EVENTS.get(getattr(fn, "__name__", ""), kind)
         self.trace.add(name, start, end)
+        return result
+
+    def wait(self, work):
+        """work.wait() for an async op (a comm call's async_op=True handle); returns its result.
+        This step's exposed communication grows by the seconds the wait blocked until the op
+        finished (0 if it had), its communication by the op's own finished − started, and the
+        op becomes a trace event named after the collective, from its start to its finish."""
+        start = time.perf_counter()
+        result = work.wait()
+        self.exposed[self.t] += max(0.0, work.finished - start)
+        self.comm[self.t] += work.finished - work.started
+        self.trace.add(work.name, work.started, work.finished)
         return result
 
     def forward_backward(self, model, X, y):
@@ -100,5 +126,6 @@ def report(comm, params, weighted_losses, clock):
     losses = comm.all_reduce(np.array(weighted_losses, dtype=np.float64), algorithm="ring")
     return {"params": params.copy(), "loss": losses, "step_time": clock.step,
             "compute_time": clock.compute, "comm_time": clock.comm,
+            "exposed_comm_time": clock.exposed,
             "bytes_sent": bytes_sent, "stats": stats, "events": clock.trace.with_idle(),
             "memory": clock.ledger.as_dict()}

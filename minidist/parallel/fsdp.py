@@ -1,0 +1,96 @@
+"""ZeRO stage 3 (FSDP, as PyTorch's FullyShardedDataParallel): the parameters are sharded too.
+
+A rank keeps only its shard of θ (its chunk of every padded unit, zero.Layout). A unit's θ
+exists whole only while the unit computes:
+
+    before its forward    all-gather the unit's chunks into a fresh buffer, bind its layers
+    after its forward     let the buffer go (the layers point at a freed placeholder)
+    before its backward   all-gather it again, and a zero gradient buffer for the unit
+    after its backward    reduce-scatter the gradient into my ∇ shard; let both buffers go
+
+so per step a rank sends 2·(N−1)·Σc·b all-gathering and (N−1)·Σc·b reduce-scattering. With
+overlap=True the next unit's all-gather is launched (async_op=True) before the current unit
+computes, the unit after it in the forward and the unit before it in the backward (the
+backward's first unit beneath the loss), and every reduce-scatter is launched as its unit's
+backward ends and waited for before the step. The step updates the shard in place.
+"""
+
+import numpy as np
+
+from minidist.parallel.zero import Zero
+
+
+class FSDP(Zero):
+    """Zero with the parameters sharded: `params` is my shard of θ; full_params gathers it."""
+
+    def __init__(self, comm, clock, model, make_optimizer, options):
+        self.prefetched = {}  # unit -> the async all-gather of its θ
+        super().__init__(comm, clock, model, make_optimizer, {**options, "stage": 3})
+
+    def _keep(self, shard):
+        """What holds θ: the shard the optimizer steps; the model's buffer is let go."""
+        self._release_all(0)
+        return shard
+
+    def step(self):
+        self._wait_reduced()
+        self.moment()
+        self.clock.timed("compute", self.optimizer.step, self.grads, event="optimizer")
+
+    def full_params(self):
+        """θ, whole, gathered unit by unit."""
+        full = np.empty(self.psi, self.model.dtype)
+        for k, unit in enumerate(self.units):
+            rows = self.comm.all_gather(self.params[self.layout.chunk(k)])
+            full[unit.part] = rows.reshape(-1)[:unit.size]
+        return full
+
+    def _in_flight(self):
+        """A prefetch in flight: the N·c elements its result takes."""
+        n, c = self.layout.n, self.layout.c
+        return sum(n * c[k] for k in self.prefetched) * self.layout.dtype.itemsize
+
+    # ---- the hooks: units is last layer first, so forward runs k = K−1 … 0, backward 0 … K−1
+    def before_forward(self, i):
+        k = self.by_first.get(i)
+        if k is not None:
+            self._gather(k)
+            if self.overlap and k > 0:
+                self._prefetch(k - 1)
+
+    def after_forward(self, i):
+        k = self.by_last.get(i)
+        if k is not None:
+            self.moment()
+            self._free(k, 0)
+            if self.overlap and k == 0:
+                self._prefetch(0)
+
+    def before_backward(self, i):
+        k = self.by_last.get(i)
+        if k is not None:
+            self._gather(k)
+            if self.overlap and k + 1 < len(self.units):
+                self._prefetch(k + 1)
+        super().before_backward(i)
+
+    def after_backward(self, i):
+        super().after_backward(i)
+        if self.by_first.get(i) is not None:
+            self._free(self.by_first[i], 0)
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def _prefetch(self, k):
+        self.prefetched[k] = self.comm.all_gather(self.params[self.layout.chunk(k)],
+                                                  async_op=True)
+
+    def _gather(self, k):
+        """Unit k's θ, all-gathered (or its prefetch waited for), bound to its layers."""
+        work = self.prefetched.pop(k, None)
+        if work is not None:
+            rows = self.clock.wait(work)
+        else:
+            rows = self.clock.timed("comm", self.comm.all_gather,
+                                    self.params[self.layout.chunk(k)], event="all_gather")
+        self.live[("θ", k)] = rows
+        self._bind(k, 0, rows.reshape(-1))
