@@ -1,16 +1,23 @@
 """Plots of timelines: a Gantt chart, one row per rank, one bar per event."""
 
-from minidist.trace import origin
+from minidist.trace import COMM, origin
 
-COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "send": "#55a868", "recv": "#a1d99b",
-          "all_reduce": "#c44e52", "optimizer": "#8172b3", "idle": "#eeeeee"}
-NESTED = ("send", "recv", "all_reduce")  # drawn thinner, on top of the compute they sit in
+COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "optimizer": "#8172b3",
+          "send": "#55a868", "recv": "#a1d99b", "all_reduce": "#c44e52",
+          "all_gather": "#937860", "reduce_scatter": "#da8bc3", "broadcast": "#64b5cd",
+          "idle": "#eeeeee"}
+# (top, height) of a row's two lanes, from the rank's row centre (the y axis points down):
+# compute (and idle) above, communication in a thin lane beneath, so an all-reduce running
+# under a backward bar shows the overlap
+LANES = {"compute": (-0.4, 0.56), "comm": (0.18, 0.22)}
 
 
 def gantt(events_per_rank, ax=None, steps=None, title=None, labels=None, micro_labels=True,
           scale=1e3, unit="ms"):
     """Draw every rank's events from the earliest start (seconds × scale); returns the axes.
 
+    Each rank's row holds its compute events (forward, backward, optimizer, idle, ...) in the
+    upper lane and its communication (minidist.trace.COMM) in a thin lane beneath.
     steps: an iterable of step numbers to draw (default: all). Forward and backward bars carry
     their micro-batch number when micro_labels and there is room.
     """
@@ -25,19 +32,20 @@ def gantt(events_per_rank, ax=None, steps=None, title=None, labels=None, micro_l
     span = max((e[2] for events in chosen for e in events), default=t0) - t0
     seen = set()
     for rank, events in enumerate(chosen):
-        for name, start, end, _, micro in sorted(events, key=lambda e: e[0] in NESTED):
+        for name, start, end, _, micro in events:
             left, width = (start - t0) * scale, (end - start) * scale
-            height = 0.35 if name in NESTED else 0.8
-            ax.barh(rank, width, left=left, height=height, color=COLORS.get(name, "#999999"),
+            top, height = LANES["comm" if name in COMM else "compute"]
+            ax.barh(rank + top, width, left=left, height=height, align="edge",
+                    color=COLORS.get(name, "#999999"),
                     edgecolor="white" if name != "idle" else "none", linewidth=0.5)
             seen.add(name)
             if micro_labels and micro >= 0 and name in ("forward", "backward") \
                     and width > 0.025 * span * scale:
-                ax.text(left + width / 2, rank, str(micro), ha="center", va="center",
-                        fontsize=7, color="white")
+                ax.text(left + width / 2, rank + top + height / 2, str(micro), ha="center",
+                        va="center", fontsize=7, color="white")
     ax.set_yticks(range(len(chosen)))
     ax.set_yticklabels(labels or [f"rank {r}" for r in range(len(chosen))])
-    ax.invert_yaxis()
+    ax.set_ylim(len(chosen) - 0.5, -0.5)  # rank 0 on top
     ax.set_xlabel(f"time ({unit})")
     if title:
         ax.set_title(title)
@@ -82,4 +90,76 @@ def plot_schedules(stages, micro_batches, forward=1.0, backward=2.0, fig=None):
     fig.suptitle(f"p = {stages} stages, m = {micro_batches} micro-batches "
                  f"(a backward takes {backward / forward:g}× a forward)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+# the model states of ZeRO's picture (Rajbhandari et al. 2020, Fig. 1), left to right
+ZERO_STATES = (("params", "parameters θ", "#4c72b0"), ("grads", "gradients ∇", "#55a868"),
+               ("optimizer", "optimizer state", "#c44e52"))
+
+
+def plot_zero_stages(world_size, bytes_per_param=(4, 4, 8), per_rank=None, stage=None,
+                     budget=None, fig=None):
+    """ZeRO's stages on N = world_size ranks: one panel per stage 0 (data parallelism) to 3,
+    a row per rank, a band per model state as wide as its bytes per parameter (θ, ∇, optimizer:
+    bytes_per_param). The band is filled where the rank holds it: whole, or its 1/N shard (at
+    r/N) when the stage shards it (memory.ZERO_SHARDED); the title gives the bytes per
+    parameter each rank holds, b_θ + b_∇ + b_opt divided by N where sharded.
+
+    per_rank ({stage: {params, grads, optimizer, activations}} bytes one rank holds, as
+    widgets.zero_memory returns): a last panel of stacked bars, with a dashed line at `budget`
+    bytes if given. stage: the stage to highlight (the others fade). Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    from minidist.memory import ZERO_SHARDED
+
+    n = int(world_size)
+    widths = [float(b) for b in bytes_per_param]
+    if n < 1 or len(widths) != 3 or min(widths) < 0:
+        raise ValueError(f"plot_zero_stages: world_size must be >= 1 and bytes_per_param three "
+                         f"numbers >= 0, got {world_size!r} and {bytes_per_param!r}")
+    fig = fig or plt.figure(figsize=(13 if per_rank else 11, 2.3 + 0.28 * n))
+    grid = fig.add_gridspec(1, 5 if per_rank else 4, width_ratios=[1] * 4 + [1.1] * bool(per_rank))
+    starts = [sum(widths[:i]) for i in range(3)]
+    for s in range(4):
+        ax = fig.add_subplot(grid[0, s])
+        faded = stage is not None and s != stage
+        for r in range(n):
+            for (key, _, color), x0, w in zip(ZERO_STATES, starts, widths, strict=True):
+                ax.add_patch(Rectangle((x0, r - 0.4), w, 0.8, facecolor=color, alpha=0.12,
+                                       edgecolor="none"))
+                left, width = (x0 + r * w / n, w / n) if key in ZERO_SHARDED[s] else (x0, w)
+                ax.add_patch(Rectangle((left, r - 0.4), width, 0.8, facecolor=color,
+                                       alpha=0.3 if faded else 1.0, edgecolor="white", lw=0.5))
+        held = sum(w / n if key in ZERO_SHARDED[s] else w
+                   for (key, _, _), w in zip(ZERO_STATES, widths, strict=True))
+        name = "data parallel" if s == 0 else f"ZeRO-{s}"
+        ax.set_title(f"{name}: {held:.3g} B/param per rank", fontsize=9,
+                     fontweight="bold" if s == stage else "normal")
+        ax.set(xlim=(0, sum(widths)), ylim=(n - 0.5, -0.5), xlabel="bytes per parameter")
+        ax.set_yticks(range(n), [f"rank {r}" for r in range(n)] if s == 0 else [])
+        ax.tick_params(axis="y", labelsize=8 if n <= 8 else 6)
+    legend = [Patch(color=color, label=label) for _, label, color in ZERO_STATES]
+    if per_rank:
+        ax = fig.add_subplot(grid[0, 4])
+        keys = [key for key, _, _ in ZERO_STATES] + ["activations"]
+        colors = [color for _, _, color in ZERO_STATES] + ["#dd8452"]
+        for s, held in sorted(per_rank.items()):
+            bottom = 0.0
+            for key, color in zip(keys, colors, strict=True):
+                ax.bar(s, held[key] / 2**20, bottom=bottom / 2**20, color=color, width=0.6,
+                       alpha=0.3 if stage is not None and s != stage else 1.0)
+                bottom += held[key]
+        if budget is not None:
+            ax.axhline(budget / 2**20, color="black", ls="--", lw=1)
+            ax.text(3.45, budget / 2**20, "budget", ha="right", va="bottom", fontsize=8)
+        ax.set(xticks=range(4), xticklabels=["DP", "1", "2", "3"], xlabel="ZeRO stage",
+               ylabel="MiB per rank", xlim=(-0.6, 3.6))
+        ax.set_title("bytes one rank holds", fontsize=9)
+        legend.append(Patch(color="#dd8452", label="activations"))
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"who holds what on N = {n} ranks (filled: held by that rank)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig

@@ -3,6 +3,8 @@
     data_parallel_experiment(workers, batch_size, lr) -> DataParallelResult -> plot_data_parallel
     data_parallel_explorer(): sliders whose callback is exactly those two calls
     linear_scaling_experiment(base_batch, k, base_lr, warmup_steps) -> plot_linear_scaling
+    zero_memory(model_fn, X, y, workers, batch_size) -> ZeroMemory -> viz.plot_zero_stages;
+    zero_memory_explorer(): sliders for the ZeRO stage and the workers over those two calls
 
 The α-β prediction of a data-parallel step with p workers (minidist.cost, ring all-reduce of the
 gradient's n bytes, bucket by bucket):
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from minidist import cost, data, nn, optim
+from minidist import cost, data, memory, nn, optim
 from minidist.train import train
 
 DIGITS_MLP = (64, 128, 10)
@@ -281,6 +283,66 @@ def pipeline_explorer(forward=1.0, backward=2.0):
 
     def show(stages, micro_batches):  # the thin wrapper: no logic here
         viz.plot_schedules(stages, micro_batches, forward, backward)
+        plt.show()
+
+    return w.VBox([w.HBox(list(controls.values())), w.interactive_output(show, controls)])
+
+
+@dataclass
+class ZeroMemory:
+    """What one rank holds under data parallelism (stage 0) and ZeRO-1, -2, -3 on N ranks."""
+
+    world_size: int
+    num_params: int
+    bytes_per_param: tuple  # (θ, ∇, optimizer state) bytes per parameter of a whole replica
+    per_rank: dict  # stage -> {params, grads, optimizer, activations} bytes
+
+
+def zero_memory(model_fn, X, y, workers, batch_size, optimizer="adam", bucket_bytes=1):
+    """The bytes rank 0 of `workers` holds, by category, for each stage 0–3 (stage 0:
+    strategy="data_parallel"). Model states: memory.zero_state_bytes of the model's units
+    (buckets.units(model, bucket_bytes)), minidist's padded shards exactly. Activations: what
+    the layers keep after a forward of rank 0's shard of a global batch, ⌈batch_size/N⌉ rows of
+    X. The step's temporaries (gathered units, buffers in flight) are left out: they are in
+    History.memory's peak, not in any category."""
+    from minidist.parallel.buckets import units
+
+    data.check_integer("workers", workers, minimum=1)
+    data.check_integer("batch_size", batch_size, minimum=1)
+    if batch_size < workers:
+        raise ValueError(f"batch_size ({batch_size}) must be >= workers ({workers}): every "
+                         "rank needs a row of the global batch")
+    model = model_fn()
+    _, rows = data.shard_bounds(batch_size, 0, workers)
+    model.loss(X[:rows], y[:rows])
+    kept = memory.activation_bytes([*model.layers, model.criterion])
+    sizes = [unit.size for unit in units(model, bucket_bytes)]
+    b = model.params.itemsize
+    per_rank = {s: {**memory.zero_state_bytes(sizes, s, workers, b, optimizer),
+                    "activations": kept} for s in memory.ZERO_SHARDED}
+    slots = len(optim.OPTIMIZERS[optimizer].state_names)
+    return ZeroMemory(int(workers), model.num_params, (b, b, slots * b), per_rank)
+
+
+def zero_memory_explorer(model_fn=None, X=None, y=None, batch_size=64, optimizer="adam",
+                         bucket_bytes=1, budget=None):
+    """Sliders for the ZeRO stage (0: data parallel) and the workers N (1–8); the callback is
+    exactly zero_memory and minidist.viz.plot_zero_stages (default model: the digits MLP)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from minidist import viz
+
+    if model_fn is None:
+        model_fn = functools.partial(nn.mlp, list(DIGITS_MLP), seed=0)
+        X, y = _digits()
+    style = {"continuous_update": False, "style": {"description_width": "initial"}}
+    controls = {"stage": w.IntSlider(value=3, min=0, max=3, description="ZeRO stage", **style),
+                "workers": w.IntSlider(value=4, min=1, max=8, description="workers N", **style)}
+
+    def show(stage, workers):  # the thin wrapper: no logic here
+        held = zero_memory(model_fn, X, y, workers, batch_size, optimizer, bucket_bytes)
+        viz.plot_zero_stages(workers, held.bytes_per_param, held.per_rank, stage, budget)
         plt.show()
 
     return w.VBox([w.HBox(list(controls.values())), w.interactive_output(show, controls)])

@@ -164,7 +164,7 @@ def _released(comm):
     model, clock = MODEL(), Clock(1)
     zero = FSDP(comm, clock, model, job.make_optimizer, {"stage": 3, "bucket_bytes": UNITS,
                                                          "overlap": True})
-    with zero.attached():
+    with zero.attached(model):
         clock.begin(0)
         zero.forward_backward(X[:32], y[:32], 0.5)
         zero.step()

@@ -15,6 +15,8 @@ loss (one number) comes back. Each op comes from `kernels.ops_for(...)` of its i
 runs wherever its data lives.
 """
 
+import contextlib
+
 import numpy as np
 
 from minidist import kernels
@@ -220,6 +222,16 @@ class UnitHooks:
     after its backward (after_backward(i): layer i's gradients are written). Data parallelism
     launches a bucket's all-reduce from after_backward; ZeRO-3 gathers a unit's parameters in
     before_forward and before_backward and frees them after. The defaults do nothing."""
+
+    @contextlib.contextmanager
+    def attached(self, model):
+        """These hooks on `model` for a run, and its earlier ones back however the run ends
+        (a model that model_fn hands out twice must not keep them)."""
+        before, model.hooks = model.hooks, self
+        try:
+            yield self
+        finally:
+            model.hooks = before
 
     def before_forward(self, i):
         pass

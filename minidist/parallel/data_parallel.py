@@ -71,7 +71,7 @@ def worker(comm, job):
     clock, weighted_losses = Clock(job.steps, job.max_memory_per_rank, comm.rank), []
     mixed.hold(clock.ledger, synced)
     overlap = Overlap(comm, clock, model, synced, options) if options["overlap"] else None
-    hooked = overlap.attached() if overlap else contextlib.nullcontext()
+    hooked = overlap.attached(model) if overlap else contextlib.nullcontext()
     with mixed.running(), hooked:  # fp16: an overflow is expected (S too large), and skipped
         for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
             clock.begin(t)
@@ -132,15 +132,6 @@ class Overlap(UnitHooks):
         self.units = units(model, options["bucket_bytes"], synced.itemsize)
         self.by_first = {unit.first: unit for unit in self.units}
         self.share, self.first, self.pending, self.launches = None, True, [], []
-
-    @contextlib.contextmanager
-    def attached(self):
-        """The hook on the model for the run, off again however the run ends."""
-        before, self.model.hooks = self.model.hooks, self
-        try:
-            yield self
-        finally:
-            self.model.hooks = before
 
     def arm(self, share, first):
         self.share, self.first = share, first

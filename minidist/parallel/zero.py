@@ -39,7 +39,6 @@ overlap=True launches each unit's reduce-scatter (async_op=True) as the backward
 waited for before the step; stage 3 also prefetches the next unit's all-gather.
 """
 
-import contextlib
 import time
 
 import numpy as np
@@ -84,7 +83,7 @@ def worker(comm, job):
     zero = (FSDP if options["stage"] == 3 else Zero)(comm, clock, model, job.make_optimizer,
                                                     options)
     weighted_losses = []
-    with zero.attached():
+    with zero.attached(model):
         for t, (rows, weight) in enumerate(job.my_batches(comm.rank, comm.world_size)):
             clock.begin(t)
             weighted_losses.append(weight * zero.forward_backward(job.X[rows], job.y[rows],
@@ -160,15 +159,6 @@ class Zero(UnitHooks):
         chunks of it, made for each step."""
         self.optimizer.params = None
         return self.model.params
-
-    @contextlib.contextmanager
-    def attached(self):
-        """The hooks on the model for the run, off again however the run ends."""
-        before, self.model.hooks = self.model.hooks, self
-        try:
-            yield self
-        finally:
-            self.model.hooks = before
 
     # ---- one step -------------------------------------------------------------------------
     def forward_backward(self, X, y, weight):
