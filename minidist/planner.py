@@ -256,13 +256,14 @@ def estimate(n_params, n_layers, hidden, batch, devices, device_memory, bandwidt
     if stage == 0:
         sent["data"] = bytes_per_rank("all_reduce", "ring", grads, recipe.grad, dp)[0][0]
         seconds["data"] = time("all_reduce", "ring", grads * recipe.grad, dp, *link_dp)
-    else:  # reduce-scatter ∇, all-gather θ (twice for ZeRO-3); ZeRO-2, 3: per micro-batch
+    else:  # reduce-scatter ∇ (ZeRO-2, 3: per micro-batch), all-gather θ (once after the step;
+        # ZeRO-3: for each micro-batch's forward and backward; zero_bytes_per_rank counts both)
         rs, ag = (zero_bytes_per_rank(stage, [grads], b, dp) for b in (recipe.grad, recipe.param))
-        times, gathers = (1 if stage == 1 else m), (2 if stage == 3 else 1)
-        sent["data"] = times * (rs["reduce_scatter"] + ag["all_gather"])
+        scatters, gathers = (1 if stage == 1 else m), (m if stage == 3 else 1)
+        sent["data"] = scatters * rs["reduce_scatter"] + gathers * ag["all_gather"]
         scatter = time("reduce_scatter", "ring", grads * recipe.grad, dp, *link_dp)
         gather = time("all_gather", "ring", grads * recipe.param, dp, *link_dp)
-        seconds["data"] = times * (scatter + gathers * gather)
+        seconds["data"] = scatters * scatter + gathers * (2 if stage == 3 else 1) * gather
     sent["total"] = sum(sent.values())
     work = (8 if recompute else 6) * n_params * batch * seq_len / (devices * flops)
     seconds["compute"], seconds["bubble"] = work, work * (pp - 1) / m

@@ -213,7 +213,7 @@ def test_a_pending_op_that_a_peer_never_joins_times_out(backend, leaves_nothing_
     start = time.monotonic()
     with pytest.raises(CommTimeout, match="rank 0"):
         run(_leave_pending, 2, args=("absent",), backend=backend, timeout=1)
-    assert time.monotonic() - start < 1 + 5
+    assert time.monotonic() - start < 1 + 15  # the run's timeout, and the launcher's grace
 
 
 def _stuck_then(comm, how):
@@ -226,7 +226,9 @@ def _stuck_then(comm, how):
     work = comm.all_reduce(np.ones(3), async_op=True)
     if how == "raise":
         return work.wait()  # until the run is aborted
-    time.sleep(0.1)  # the op is inside the transport's wait now
+    deadline = time.monotonic() + 10
+    while comm._queue.running is not work and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the progress thread runs the op (it then waits in the transport)
     start = time.monotonic()
     comm._end_async(wait=False)  # what a failing rank's launcher does
     seconds = time.monotonic() - start
@@ -242,13 +244,15 @@ def test_an_aborted_thread_run_ends_promptly_and_leaves_no_thread():
     start = time.monotonic()
     with pytest.raises(WorkerError, match="rank 1 failed: KeyError"):
         run(_stuck_then, 2, args=("raise",), backend="thread", timeout=30)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 15  # prompt: not the run's 30 s timeout
     for how in ("complete", "mismatch", "absent"):
         with pytest.raises((CommTimeout, CollectiveMismatchError)) if how != "complete" \
                 else contextlib.nullcontext():
             run(_leave_pending, 2, args=(how,), backend="thread", timeout=1)
     run(exercise, 3, backend="thread", timeout=30)
-    time.sleep(0.05)
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("minidist"):
+            thread.join(5)  # a stopped thread may still be returning
     assert [t.name for t in set(threading.enumerate()) - before
             if t.name.startswith("minidist")] == []
 
@@ -258,5 +262,5 @@ def test_an_aborted_thread_run_ends_promptly_and_leaves_no_thread():
 def test_ending_a_rank_interrupts_its_progress_thread(backend, leaves_nothing_behind):
     seconds, alive, message = run(_stuck_then, 2, args=("interrupt",), backend=backend,
                                   timeout=20)[0]
-    assert seconds < 1.0 and not alive
+    assert seconds < 10 and not alive  # stopped at once, not after the run's 20 s
     assert "rank 0 failed in async all_reduce #1" in message and "interrupted" in message

@@ -75,3 +75,12 @@ def test_bucket_hooks_checker_catches_late_launches_and_a_missing_copy():
 
     wrong = exercises.check_bucket_hooks(NoCopy)
     assert not wrong and "differs" in wrong.message, wrong
+
+
+@pytest.mark.parametrize("checker", [exercises.check_zero1_step, exercises.check_bucket_hooks])
+@pytest.mark.parametrize("sizes", [(), (5,), (0,)])
+def test_checkers_refuse_world_sizes_they_cannot_check(checker, sizes):
+    if checker is exercises.check_zero1_step and sizes == (5,):
+        pytest.skip("any world size works for the ZeRO-1 step")
+    with pytest.raises(ValueError, match="world_sizes"):
+        checker(zero1_step, world_sizes=sizes)

@@ -5,7 +5,8 @@ A backend (thread, process, mpi) supplies only the transport, `_transport_send` 
 is written once, over `send` and `recv`, in `collectives.py`.
 
 Message semantics: `send` never waits for the receiver (the message is buffered, and the array
-may be reused at once); `recv` waits at most `timeout` seconds. Messages between two ranks with
+may be reused at once), only, like every blocking call, for this rank's pending async ops;
+`recv` waits at most `timeout` seconds. Messages between two ranks with
 the same tag arrive in the order they were sent.
 
 Every rank checks that all ranks make the same collective call (same collective, arguments,
@@ -122,7 +123,8 @@ class Communicator(AsyncOps):
 
     # ---- point to point ----------------------------------------------------------------------
     def send(self, array, dst, tag=0):
-        """Send `array` to rank `dst`; returns without waiting for the receiver."""
+        """Send `array` to rank `dst`; returns without waiting for the receiver (but after this
+        rank's pending async ops, like every blocking call)."""
         array = self._check_message(array, dst, tag, "dst")
         if self._queue.busy:
             self._queue.settle("send", self.timeout)
@@ -234,7 +236,7 @@ class Communicator(AsyncOps):
             with self._collective("broadcast", array, ("src", src), ("algorithm", how)):
                 run(array, src)
             return array
-        return self._submit("broadcast", body) if async_op else body()
+        return self._start("broadcast", body, async_op)
 
     def reduce(self, array, dst=0, op="sum"):
         """Rank dst's `array` becomes the elementwise op over all ranks' arrays (in place)."""
@@ -256,7 +258,7 @@ class Communicator(AsyncOps):
             with self._collective("all_reduce", array, ("op", op), ("algorithm", how)):
                 run(array, op)
             return array
-        return self._submit("all_reduce", body) if async_op else body()
+        return self._start("all_reduce", body, async_op)
 
     def all_gather(self, array, algorithm="auto", async_op=False):
         """Returns every rank's array stacked by rank: shape (world_size, *array.shape)
@@ -267,7 +269,7 @@ class Communicator(AsyncOps):
         def body():
             with self._collective("all_gather", array, ("algorithm", how)):
                 return run(array)
-        return self._submit("all_gather", body) if async_op else body()
+        return self._start("all_gather", body, async_op)
 
     def reduce_scatter(self, array, op="sum", async_op=False):
         """Reduce over ranks, then return this rank's chunk of rows (axis 0 split as in
@@ -281,7 +283,7 @@ class Communicator(AsyncOps):
         def body():
             with self._collective("reduce_scatter", array, ("op", op)):
                 return collectives.reduce_scatter_ring(self, array, op)
-        return self._submit("reduce_scatter", body) if async_op else body()
+        return self._start("reduce_scatter", body, async_op)
 
     def gather(self, array, dst=0):
         """Rank dst gets every rank's array stacked by rank; other ranks get None."""

@@ -167,14 +167,16 @@ class MPICommunicator(Communicator):
         return got
 
     def _check_async(self):
-        """The progress thread calls MPI while the main thread waits, so MPI must have been
-        started with a thread level that allows it (mpi4py asks for THREAD_MULTIPLE)."""
+        """The progress thread calls MPI, and after a failure the main thread may call it
+        (to tell the other ranks) while the progress thread is still inside an op, so MPI must
+        have been started with THREAD_MULTIPLE (as mpi4py asks by default)."""
         level = MPI.Query_thread()
-        if level not in (MPI.THREAD_SERIALIZED, MPI.THREAD_MULTIPLE):
-            names = {MPI.THREAD_SINGLE: "THREAD_SINGLE", MPI.THREAD_FUNNELED: "THREAD_FUNNELED"}
+        if level != MPI.THREAD_MULTIPLE:
+            names = {MPI.THREAD_SINGLE: "THREAD_SINGLE", MPI.THREAD_FUNNELED: "THREAD_FUNNELED",
+                     MPI.THREAD_SERIALIZED: "THREAD_SERIALIZED"}
             raise RuntimeError(
-                f"async_op=True on the MPI backend needs MPI's thread level THREAD_SERIALIZED or "
-                f"THREAD_MULTIPLE (a progress thread calls MPI), but MPI runs at "
+                f"async_op=True on the MPI backend needs MPI's thread level THREAD_MULTIPLE (a "
+                f"progress thread calls MPI beside the rank's own thread), but MPI runs at "
                 f"{names.get(level, level)}; set mpi4py.rc.thread_level = 'multiple' (mpi4py's "
                 f"default) before the first `from mpi4py import MPI`")
 

@@ -11,9 +11,12 @@ ops queued after it are not run, and they and every later blocking call fail, wi
 of the first failure's type that names it.
 """
 
+import math
 import threading
 import time
 from collections import deque
+
+import numpy as np
 
 from minidist.errors import CommTimeout
 
@@ -28,6 +31,15 @@ def restate(exc, message):
     new.args = (message,)
     new.__cause__ = exc
     return new
+
+
+def check_timeout(timeout):
+    """A wait's timeout: a number of seconds > 0, as a float (math.inf: None, no limit)."""
+    if isinstance(timeout, (bool, np.bool_)) or not isinstance(timeout, (int, float, np.number)) \
+            or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0 (or None: the communicator's), "
+                         f"got {timeout!r}")
+    return None if timeout == math.inf else float(timeout)
 
 
 class Work:
@@ -60,7 +72,7 @@ class Work:
         (default: the communicator's timeout); the op itself goes on."""
         progress = self._progress
         if self.finished is None:
-            timeout = self._timeout if timeout is None else timeout
+            timeout = self._timeout if timeout is None else check_timeout(timeout)
             with progress.cond:
                 done = progress.cond.wait_for(self.is_completed, timeout)
             if not done:
@@ -179,6 +191,14 @@ class Progress:
 class AsyncOps:
     """The Communicator's side of async ops: `self._queue` is its rank's Progress."""
 
+    def _start(self, name, body, async_op):
+        """body() now (async_op False), or queued as an async op (True): its Work."""
+        if async_op is False or async_op is np.False_:
+            return body()
+        if async_op is True or async_op is np.True_:
+            return self._submit(name, body)
+        raise TypeError(f"{name}: async_op must be True or False, got {async_op!r}")
+
     def _submit(self, name, body):
         """Queue body() on this rank's progress thread; returns its Work."""
         return self._queue.submit(name, body, self.timeout, self._check_async)
@@ -189,8 +209,9 @@ class AsyncOps:
     def wait_pending(self, timeout=None):
         """Wait until every async op this rank issued has completed (at most `timeout` s,
         default the communicator's); raises the error of one that failed."""
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
         if self._queue.busy:
-            self._queue.settle("wait_pending", self.timeout if timeout is None else timeout)
+            self._queue.settle("wait_pending", timeout)
 
     def _interrupt(self):
         """Make a wait of the progress thread end soon: the backends' waits raise when

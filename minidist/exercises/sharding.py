@@ -22,6 +22,17 @@ def _problem():
     return (lambda: nn.mlp(SIZES, seed=0)), X, y
 
 
+def _check_world_sizes(world_sizes, divides=None):
+    """world_sizes: a non-empty list of rank counts (each dividing `divides` rows, if given)."""
+    sizes = list(world_sizes)
+    if not sizes or any(not isinstance(p, int) or p < 1 or (divides and divides % p)
+                        for p in sizes):
+        raise ValueError(f"world_sizes must be a non-empty list of integers >= 1"
+                         f"{f' that divide the batch of {divides} rows' if divides else ''}, "
+                         f"got {world_sizes!r}")
+    return sizes
+
+
 def _reference(model_fn, X, y):
     from minidist import train
 
@@ -81,6 +92,7 @@ def check_zero1_step(fn, world_sizes=(1, 2, 3, 4), timeout=20.0):
     the gradients, step the shard, all-gather the shards into params. Trains the digits MLP;
     must equal single-process training and send what ZeRO-1 sends."""
     name = "check_zero1_step"
+    world_sizes = _check_world_sizes(world_sizes)
     model_fn, X, y = _problem()
     want = _reference(model_fn, X, y)
     psi = model_fn().num_params
@@ -104,7 +116,8 @@ def check_zero1_step(fn, world_sizes=(1, 2, 3, 4), timeout=20.0):
             return Check(name, False, f"{where}, the result is right, but ZeRO-1 moves the "
                                       f"gradients with reduce_scatter and θ with all_gather; you "
                                       f"used {sorted(used)}")
-    return Check(name, True, f"equals single-process SGD with momentum on {world_sizes} ranks; "
+    return Check(name, True, f"equals single-process SGD with momentum on {tuple(world_sizes)} "
+                             "ranks; "
                              "each rank kept momentum for 1/p of θ")
 
 
@@ -177,11 +190,10 @@ def check_bucket_hooks(fn, world_sizes=(1, 2, 3), timeout=20.0):
     waits for the handles, steps on `buffer` and compares with single-process training; each
     all-reduce must start before the backward reaches the layer below its unit."""
     name = "check_bucket_hooks"
+    world_sizes = _check_world_sizes(world_sizes, divides=BATCH)  # equal shards: op="mean"
     model_fn, X, y = _problem()
     want = _reference(model_fn, X, y)
     for p in world_sizes:
-        if BATCH % p:
-            continue
         results, failure = _run(lambda comm: _hooks_worker(comm, fn, model_fn, X, y), p, timeout)
         where = f"with p = {p} ranks"
         if failure:
@@ -201,5 +213,5 @@ def check_bucket_hooks(fn, world_sizes=(1, 2, 3), timeout=20.0):
                                           f"{late[0]} was launched after the backward had moved "
                                           "on: launch it in after_backward of the unit's first "
                                           "layer, the moment its last gradient is written")
-    return Check(name, True, f"equals single-process training on {world_sizes} ranks, each "
+    return Check(name, True, f"equals single-process training on {tuple(world_sizes)} ranks, each "
                              "bucket launched while the backward went on")

@@ -113,6 +113,14 @@ class Sequential:
             raise ValueError(f"release takes 'params' or 'grads', got {buffer!r}")
         setattr(self, f"_{buffer}", None)
 
+    def restore(self, params):
+        """After release: whole buffers again, `params` a copy of the given θ and `grads` zero,
+        every layer bound to views of them (a sharded run hands its model back whole)."""
+        self._params = np.array(params, dtype=self.dtype)
+        self._grads = np.zeros_like(self._params)
+        for i, part in enumerate(self.layer_slices):
+            self.bind_layer(i, self._params[part], self._grads[part])
+
     @property
     def params(self):
         """The flat parameter buffer (1-D). Assigning to it copies into the buffer."""

@@ -91,7 +91,9 @@ def worker(comm, job):
             zero.step()
             clock.end()
     result = report(comm, zero.params, weighted_losses, clock)  # the training's bytes, memory
-    return {**result, "params": zero.full_params()}  # gathered after report took the stats
+    params = zero.full_params()  # gathered after report took the stats
+    model.restore(params)  # whole again, for a caller whose model_fn hands out one model
+    return {**result, "params": params}
 
 
 class Layout:
