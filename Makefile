@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: lab demo test lint docs chromium faults lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels bench-model-parallel bench-transformer clean
+.PHONY: lab demo test lint docs chromium faults lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels bench-model-parallel bench-transformer bench-zero clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
@@ -63,7 +63,10 @@ bench-model-parallel: $(VENV)/.bench  ## tensor/pipeline/hybrid step time, bytes
 bench-transformer: $(VENV)/.bench  ## the GPT's training step vs PyTorch eager on CPU, same weights and loss
 	$(BIN)/python benchmarks/transformer.py
 
-bench: bench-allreduce bench-data-parallel bench-kernels bench-ps bench-model-parallel bench-transformer  ## every benchmark; results in benchmarks/results/
+bench-zero: $(VENV)/.bench  ## ZeRO-1/2/3 and DDP overlap on 2 ranks vs DDP, ZeroRedundancyOptimizer, FSDP
+	$(BIN)/python benchmarks/zero.py
+
+bench: bench-allreduce bench-data-parallel bench-kernels bench-ps bench-model-parallel bench-transformer bench-zero  ## every benchmark; results in benchmarks/results/
 
 lessons: $(STAMP)  ## re-execute every lesson in place (commit them executed)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace lessons/*.ipynb

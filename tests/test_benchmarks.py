@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import ROOT, load_file
 
 allreduce = load_file("benchmarks/allreduce.py", "benchmark_allreduce")
@@ -146,3 +147,60 @@ def test_the_transformer_benchmark_without_torch_times_minidist_alone(tmp_path):
         assert row["minidist_ms"] > 0 and row["torch_ms"] is None
         assert row["torch_over_minidist"] is None and row["loss_gap"] is None
     assert result["profile"] and result["profile"][0]["self_ms_per_step"] > 0
+
+
+def test_the_zero_benchmark_runs_every_peer_on_the_same_sgd_and_counts_memory(tmp_path):
+    # the tiny --quick run: 5 minidist peers and the 4 PyTorch ones (one start of 2 ranks)
+    pytest.importorskip("torch")
+    from minidist import memory, nn
+    from minidist.parallel.buckets import units
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zero.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    result = json.loads((tmp_path / "zero.json").read_text())
+    assert (tmp_path / "zero.png").stat().st_size > 0
+    rows = {r["peer"]: r for r in result["rows"]}
+    assert list(rows) == ["dp", "dp_overlap", "zero1", "zero2", "zero3", "ddp",
+                          "zero_redundancy", "fsdp_grad_op", "fsdp"]
+    for row in rows.values():  # every peer ran, and computed minidist data_parallel's SGD
+        assert not row["failed"], row["errors"]
+        assert row["params_gap_vs_dp"] < 1e-10 and row["steps_per_s"] > 0
+    model = nn.mlp(result["sizes"])
+    psi, n = model.num_params, result["workers"]
+    held = {(m["peer"], m["rank"]): m for m in result["memory"]}
+    for key, stage in (("dp", 0), ("dp_overlap", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3)):
+        for rank in range(n):  # the ledger's persistent bytes are the formula's, exactly
+            m = held[(key, rank)]
+            cut = units(model, rows[key]["options"]["bucket_bytes"])
+            formula = memory.zero_state_bytes([u.size for u in cut], stage, n)
+            assert {k: m[k] for k in formula} == formula, (key, rank)
+            assert m["formula_peak"] == sum(formula.values()) + m["activations"]
+            assert m["peak_over_formula"] == m["peak"] / m["formula_peak"]
+            assert m["state_over_formula"] == 1.0
+    # PyTorch's counted tensors: Ψ float64s each (DDP), the optimizer state split (ZeRO-1),
+    # everything halved by FSDP (each parameter's dim 0 padded to a multiple of 2: exact here);
+    # the saved activations as minidist's (nll_loss keeps one 8-byte scalar more)
+    rows_per_rank = result["batch"] // n
+    for rank in range(n):
+        assert held[("dp", rank)]["activations"] == memory.mlp_activation_bytes(
+            rows_per_rank, result["sizes"])
+        assert [held[("ddp", rank)][k] for k in ("params", "grads", "optimizer")] == [8 * psi] * 3
+        shards = [held[("zero_redundancy", r)]["optimizer"] for r in range(n)]
+        assert sum(shards) == 8 * psi and 0 < min(shards)
+        for key in ("fsdp_grad_op", "fsdp"):
+            assert [held[(key, rank)][k] for k in ("params", "grads", "optimizer")] == \
+                [8 * psi // n] * 3
+        for key in ("ddp", "zero_redundancy", "fsdp_grad_op", "fsdp"):
+            assert held[(key, rank)]["activations"] == held[("dp", rank)]["activations"] + 8
+    rate = {key: row["steps_per_s"] for key, row in rows.items()}
+    assert [(s["minidist"], s["peer"], s["ratio"]) for s in result["speed_ratios"]] == [
+        (a, b, rate[a] / rate[b]) for a, b in [("dp", "ddp"), ("dp_overlap", "ddp"),
+                                               ("zero1", "zero_redundancy"),
+                                               ("zero2", "fsdp_grad_op"), ("zero3", "fsdp")]]
+    overlap = result["overlap"]
+    assert overlap["ratio"] == overlap["exposed_with_ms"] / overlap["exposed_without_ms"]
+    report = load_file("benchmarks/report.py", "benchmark_report")
+    text = report.render_result("zero", result)
+    assert "(`make bench-zero` runs it again)" in text and "| peer | label |" in text

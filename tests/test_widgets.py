@@ -136,3 +136,67 @@ def test_negative_or_nan_costs_are_refused(bad):
     name = "alpha" if bad["alpha"] < 0 else "beta"
     with pytest.raises(ValueError, match=name):
         widgets.data_parallel_experiment([2], batch_size=16, lr=0.1, steps=2, **bad)
+
+
+def _digits_mlp():
+    from minidist import nn
+
+    return nn.mlp([64, 128, 10], seed=0)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_memory_is_what_rank_0_holds(stage):
+    # 3 ranks: Ψ = 9610 and its units (8320 and 1290 elements) are not multiples of 3 (padding),
+    # and a batch of 31 gives rank 0 the extra row
+    from minidist import data, train
+
+    X, y = data.load_digits()
+    held = widgets.zero_memory(_digits_mlp, X, y, 3, 31)
+    options = {"strategy": "data_parallel"} if stage == 0 else {"strategy": "zero",
+                                                                "stage": stage}
+    run = train(_digits_mlp, X, y, workers=3, backend="thread", steps=1, batch_size=31,
+                optimizer="adam", bucket_bytes=1, **options)
+    assert held.per_rank[stage] == {k: run.memory[0][k] for k in held.per_rank[stage]}
+    assert held.bytes_per_param == (8, 8, 16) and held.num_params == 9610
+
+
+@pytest.mark.parametrize("bad, error, words", [({"workers": 0}, ValueError, "workers"),
+                                               ({"workers": 2.5}, TypeError, "workers"),
+                                               ({"batch_size": 2}, ValueError, "batch_size"),
+                                               ({"optimizer": "lion"}, ValueError, "optimizer")])
+def test_zero_memory_refuses_bad_input(bad, error, words):
+    from minidist import data
+
+    X, y = data.load_digits()
+    args = {"workers": 4, "batch_size": 8, **bad}
+    with pytest.raises(error, match=words):
+        widgets.zero_memory(_digits_mlp, X, y, **args)
+
+
+def test_plot_zero_stages_fills_what_each_rank_holds():
+    from minidist import viz
+
+    n, per = 4, (4, 4, 8)
+    held = {s: {"params": 1, "grads": 1, "optimizer": 1, "activations": 1} for s in range(4)}
+    fig = viz.plot_zero_stages(n, per, per_rank=held, stage=2, budget=3)
+    assert len(fig.axes) == 5
+    # ZeRO's paper per rank: 16, 4 + 4 + 8/N, 4 + 12/N, 16/N bytes per parameter
+    for ax, want in zip(fig.axes[:4], [16, 10, 7, 4], strict=True):
+        filled = [p for p in ax.patches if p.get_alpha() in (0.3, 1.0)]
+        assert len(filled) == 3 * n
+        for r in range(n):
+            row = [p for p in filled if p.get_y() == pytest.approx(r - 0.4)]
+            assert sum(p.get_width() for p in row) == pytest.approx(want)
+    with pytest.raises(ValueError, match="bytes_per_param"):
+        viz.plot_zero_stages(2, (4, 4))
+
+
+def test_zero_memory_explorer_builds_without_a_display():
+    ipywidgets = pytest.importorskip("ipywidgets")
+    panel = widgets.zero_memory_explorer(batch_size=16)
+    assert isinstance(panel, ipywidgets.VBox)
+    sliders = {c.description: c for c in panel.children[0].children}
+    assert set(sliders) == {"ZeRO stage", "workers N"}
+    assert (sliders["ZeRO stage"].min, sliders["ZeRO stage"].max) == (0, 3)
+    sliders["workers N"].value = 3  # the callback redraws; it must not raise
+    sliders["ZeRO stage"].value = 1
