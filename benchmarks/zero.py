@@ -23,12 +23,16 @@ repeated). A run whose ranks crash (gloo's SIGABRT at start-up) is retried once,
 data_parallel's (max |Δ| / max |θ|): all peers compute the same SGD.
 
 Memory per rank. minidist: History.memory[r], measured by each rank's ledger from the arrays it
-holds; the formula beside it is memory.zero_state_bytes (params + grads + optimizer for the
-stage and its units; data_parallel is stage 0) plus the measured activations, and "transient"
-is what the peak held beyond both (ZeRO's gathered units and temporary gradient buffers, which
-the formula leaves out). PyTorch: the tensors each rank holds after a step (parameters, their
-.grad, the optimizer's state; DTensors by their local shard), plus the bytes autograd saved for
-backward in a forward (zero_torch.py says how, and what it cannot see).
+holds; the formula beside the peak is memory.zero_peak_bytes (data_parallel is stage 0): the
+persistent memory.zero_state_bytes of the stage and its units (its "state ratio" column: the
+measured params + grads + optimizer over it) plus the fullest moment of a step, the rank's
+activations then (memory.mlp_unit_activations of its rows) and ZeRO's transient buffers
+(gathered units, temporary and in-flight gradient units, prefetches, the step's working copy
+of θ's chunks); "transient" is what the measured peak held beyond the state and the most
+activations, "moment" the formula's fullest (memory.zero_moments). PyTorch: the tensors each
+rank holds after a step (parameters, their .grad, the optimizer's state; DTensors by their
+local shard), plus the bytes autograd saved for backward in a forward (zero_torch.py says how,
+and what it cannot see).
 
 Ratios: each minidist peer's step rate over its PyTorch peer's (target ≥ 1.5); measured peak
 over the formula per rank (target within 10 %); the exposed communication with overlap over
@@ -118,24 +122,32 @@ def measure(keys, config, split, repeats, quiet):
 
 
 def memory_records(key, run, config):
-    """One record per rank of what it held; a minidist peer's beside the formula: persistent
-    memory.zero_state_bytes of its stage (its units as its bucket_bytes cuts them) plus the
-    measured activations; "transient" is what the peak held beyond the measured both."""
+    """One record per rank of what it held; a minidist peer's beside the formula:
+    memory.zero_peak_bytes of its stage, its units (as its bucket_bytes cuts them), its overlap
+    and its rows' activations at each moment; "transient" is what the peak held beyond the
+    measured state and activations."""
     from data_parallel import model_fn
 
-    from minidist import memory
+    from minidist import data, memory
     from minidist.parallel.buckets import units
 
     records = [{"peer": key, "rank": rank, **held} for rank, held in enumerate(run["memory"])]
     if PEERS[key][1] is None:
         return records
     cut = units(model_fn(config)(), run["options"]["bucket_bytes"])
-    persistent = sum(memory.zero_state_bytes([u.size for u in cut], STAGE[key], WORKERS).values())
+    unit_sizes, stage, overlap = [u.size for u in cut], STAGE[key], run["options"]["overlap"]
+    persistent = sum(memory.zero_state_bytes(unit_sizes, stage, WORKERS).values())
     for m in records:
+        start, stop = data.shard_bounds(config["batch"], m["rank"], WORKERS)
+        kept = memory.mlp_unit_activations(stop - start, config["sizes"], cut)
+        moments = memory.zero_moments(unit_sizes, stage, WORKERS, activations=kept,
+                                      overlap=overlap)
         state = m["params"] + m["grads"] + m["optimizer"]
         m["state_over_formula"] = state / persistent
         m["transient"] = m["peak"] - state - m["activations"]
-        m["formula_peak"] = persistent + m["activations"]
+        m["formula_peak"] = memory.zero_peak_bytes(unit_sizes, stage, WORKERS,
+                                                   activations=kept, overlap=overlap)
+        m["peak_moment"] = max(moments, key=moments.get)
         m["peak_over_formula"] = m["peak"] / m["formula_peak"]
         m["within_10pct"] = abs(m["peak_over_formula"] - 1) <= MEMORY_TOLERANCE
     return records
@@ -277,12 +289,13 @@ def print_table(report):
     for s in report["speed_ratios"]:
         print(f"  {PEERS[s['minidist']][0]:<38} / {PEERS[s['peer']][0]:<38}"
               f"{_fmt(s['ratio'], '.2f', '×'):>7}  {_verdict(s['met'])}")
-    print(f"\nmeasured peak / formula per rank (zero_state_bytes + measured activations; "
-          f"target within {MEMORY_TOLERANCE:.0%}), MiB; state ratio: measured params + grads + "
-          "optimizer / zero_state_bytes; transient: the peak beyond both (gathered units, "
-          "temporary gradient buffers)")
+    print(f"\nmeasured peak / formula per rank (zero_peak_bytes: the state plus the fullest "
+          f"moment's activations and transient buffers, that moment shown; target within "
+          f"{MEMORY_TOLERANCE:.0%}), MiB; state ratio: measured params + grads + optimizer / "
+          "zero_state_bytes; transient: the measured peak beyond the state and the activations")
     print(f"  {'peer':<38}{'rank':>5}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}"
-          f"{'transient':>10}{'peak':>8}{'formula':>9}{'ratio':>7}{'':>9}{'state ratio':>12}")
+          f"{'transient':>10}{'peak':>8}{'formula':>9}{'ratio':>7}{'':>9}{'state ratio':>12}"
+          f"  {'moment'}")
     for m in report["memory"]:
         mb = {k: m[k] * mib if k in m else None for k in ("params", "grads", "optimizer",
                                                           "activations", "transient", "peak",
@@ -293,7 +306,7 @@ def print_table(report):
               f"{_fmt(mb['formula_peak'], '.2f'):>9}"
               f"{_fmt(m.get('peak_over_formula'), '.3f'):>7}"
               f"{_verdict(m['within_10pct']) if 'within_10pct' in m else '':>9}"
-              f"{_fmt(m.get('state_over_formula'), '.3f'):>12}")
+              f"{_fmt(m.get('state_over_formula'), '.3f'):>12}  {m.get('peak_moment', '')}")
     o = report["overlap"]
     print(f"\nexposed communication per step: {_fmt(o['exposed_without_ms'], '.2f')} ms without "
           f"overlap, {_fmt(o['exposed_with_ms'], '.2f')} ms with; ratio "
@@ -330,7 +343,7 @@ def plot(report, path):
                           "ZeRO-2 vs\nFSDP2, no\nreshard", "ZeRO-3\nvs FSDP2"], fontsize=7)
         ax.set_title(title, fontsize=9)
     axes[1].scatter(x - width / 2, [formula.get(a, np.nan) for a, _ in PAIRS], marker="_",
-                    s=300, color="black", label="formula: zero_state_bytes + activations")
+                    s=300, color="black", label="formula: zero_peak_bytes")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle(f"{report['workers']} ranks, float64 MLP {'-'.join(map(str, report['sizes']))}"

@@ -2,23 +2,38 @@
 
 Every figure is counted from the arrays the rank really holds (`nbytes`), never from a formula;
 the tests and lessons 10 and 11 compare them with the formulas (ZeRO's 2Ψ + 2Ψ + 12Ψ and its
-stages' shards, `zero_model_state_bytes` on paper and `zero_state_bytes` as minidist pads them;
-Korthikanti et al.'s activations per layer).
+stages' shards, `zero_model_state_bytes` on paper, `zero_state_bytes` as minidist pads them and
+`zero_peak_bytes` with its transient buffers, all from minidist.zero_memory and re-exported
+here; Korthikanti et al.'s activations per layer, below).
 
     params, grads, optimizer   the persistent state: the flat buffers and the optimizer's arrays
     activations                the most a step held at once for backward: what the layers keep
                                between their forward and their backward (`activation_bytes`)
     peak                       the worst moment of a step: the persistent state plus the
-                               activations at their most (temporaries inside one op are not in
+                               activations and the transient buffers held then (ZeRO's gathered
+                               units, gradients in flight; temporaries inside one op are not in
                                the ledger)
 """
 
 import numpy as np
 
-from minidist.data import check_integer
 from minidist.errors import OutOfMemory
 from minidist.nn.layers import walk
-from minidist.optim import OPTIMIZERS
+from minidist.zero_memory import (  # noqa: F401  (re-exported: memory.zero_state_bytes, ...)
+    MODEL_STATES,
+    ZERO_SHARDED,
+    UnitActivations,
+    _count,
+    check_stage,
+    mlp_unit_activations,
+    model_state_bytes,
+    unit_counts,
+    zero_model_state_bytes,
+    zero_moments,
+    zero_peak_bytes,
+    zero_shard,
+    zero_state_bytes,
+)
 
 KEYS = ("params", "grads", "optimizer", "activations", "peak")
 
@@ -115,113 +130,6 @@ class Ledger:
 
 # ---- the formulas the ledger is compared with ------------------------------------------------
 
-# (precision, optimizer) -> bytes per parameter of (params, grads, optimizer state): ZeRO
-# (Rajbhandari et al. 2020, §3.1). Mixed precision keeps 16-bit θ and ∇ and, as optimizer
-# state, the fp32 master θ with SGD's velocity or Adam's m and v (K = 8 or 12).
-MODEL_STATES = {
-    ("fp64", "sgd"): (8, 8, 8), ("fp64", "adam"): (8, 8, 16),
-    ("fp32", "sgd"): (4, 4, 4), ("fp32", "adam"): (4, 4, 8),
-    ("fp16", "sgd"): (2, 2, 8), ("fp16", "adam"): (2, 2, 12),
-    ("bf16", "sgd"): (2, 2, 8), ("bf16", "adam"): (2, 2, 12),
-}
-
-
-def model_state_bytes(num_params, precision="fp64", optimizer="sgd", emulated=False):
-    """{params, grads, optimizer}: bytes of the model states of Ψ = num_params parameters.
-
-    ZeRO (Rajbhandari et al. 2020): (b_θ + b_∇ + b_opt)·Ψ with fp64 SGD (momentum) 8 + 8 + 8,
-    Adam 8 + 8 + 16; fp32 4 + 4 + 4 / 4 + 4 + 8; mixed precision (fp16 or bf16) 2 + 2 + 8 /
-    2 + 2 + 12: the fp32 master θ is optimizer state. minidist's SGD keeps its velocity even
-    with momentum 0. emulated=True: what minidist's numpy emulation of fp16/bf16 holds instead:
-    the 16-bit working copy of θ lives in an fp32 buffer (its values rounded to 16 bits) beside
-    the fp32 master, both counted as params (4 + 4), the gradients in fp32 (4), the optimizer
-    state in fp32 (4 per state array): 8 + 4 + 4 / 8 + 4 + 8.
-    """
-    if (precision, optimizer) not in MODEL_STATES:
-        raise ValueError(f"model_state_bytes: unknown precision/optimizer {precision!r}/"
-                         f"{optimizer!r}; allowed precisions: fp64, fp32, fp16, bf16; "
-                         "optimizers: sgd, adam")
-    per = MODEL_STATES[(precision, optimizer)]
-    if emulated and precision in ("fp16", "bf16"):
-        per = (4 + 4, 4, per[2] - 4)  # the master moves from optimizer state to params
-    psi = _count("num_params", num_params)
-    return dict(zip(("params", "grads", "optimizer"), (b * psi for b in per), strict=True))
-
-
-# ZeRO stage -> the model states it shards over the N data-parallel ranks (Rajbhandari et al.
-# 2020, Fig. 1: P_os, P_os+g, P_os+g+p); stage 0 is plain data parallelism.
-ZERO_SHARDED = {0: (), 1: ("optimizer",), 2: ("grads", "optimizer"),
-                3: ("params", "grads", "optimizer")}
-
-
-def check_stage(stage, name="stage"):
-    """`stage` as an int in ZERO_SHARDED (0–3): a TypeError or ValueError naming `name`."""
-    check_integer(name, stage, minimum=0)
-    if stage not in ZERO_SHARDED:
-        raise ValueError(f"{name} must be a ZeRO stage 0, 1, 2 or 3, got {stage!r}")
-    return int(stage)
-
-
-def zero_model_state_bytes(num_params, stage, world_size, precision="fp16", optimizer="adam"):
-    """{params, grads, optimizer}: the model-state bytes per rank of ZeRO-`stage` over N =
-    world_size ranks, the paper's arithmetic (Rajbhandari et al. 2020, Fig. 1) on
-    model_state_bytes' per-parameter bytes, K = the optimizer's:
-
-        stage 0  2Ψ + 2Ψ + KΨ         stage 2  2Ψ + (2 + K)Ψ/N
-        stage 1  2Ψ + 2Ψ + KΨ/N       stage 3  (2 + 2 + K)Ψ/N
-
-    (with mixed-precision Adam, K = 12). A sharded share Ψ/N need not be whole: it is a real
-    number here; zero_state_bytes counts minidist's padded shards exactly."""
-    return zero_shard(model_state_bytes(num_params, precision, optimizer), stage, world_size)
-
-
-def zero_shard(states, stage, world_size):
-    """`states` (bytes by category of one whole replica: params, grads, optimizer, ...) as a
-    rank of ZeRO-`stage` over world_size ranks keeps them: the categories the stage shards
-    (ZERO_SHARDED) divided by N, the others whole."""
-    stage, n = check_stage(stage), _ranks(world_size)
-    return {key: value / n if key in ZERO_SHARDED[stage] else value
-            for key, value in states.items()}
-
-
-def zero_state_bytes(unit_sizes, stage, world_size, itemsize=8, optimizer="sgd"):
-    """{params, grads, optimizer}: the persistent bytes one rank holds under minidist's ZeRO,
-    exactly. Units u (elements each) are padded to N·c_u, c_u = ⌈u/N⌉; Ψ = Σu, shard = Σc_u;
-    S state arrays (SGD's velocity: 1, Adam's m and v: 2), b = itemsize:
-
-        stage 0  Ψb + 2Ψb + SΨb              (data_parallel: model.grads and the all-reduce
-        stage 1  Ψb + Ψb + S·shard·b          buffer it shares with the backend)
-        stage 2  Ψb + shard·b + S·shard·b
-        stage 3  shard·b + shard·b + S·shard·b
-    """
-    stage, n = check_stage(stage), _ranks(world_size)
-    check_integer("itemsize", itemsize, minimum=1)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"zero_state_bytes: unknown optimizer {optimizer!r}; allowed: "
-                         f"{', '.join(OPTIMIZERS)}")
-    sizes = unit_counts(unit_sizes)
-    psi, shard = sum(sizes), sum(-(-u // n) for u in sizes)
-    S = len(OPTIMIZERS[optimizer].state_names)
-    whole = {"params": psi, "grads": 2 * psi if stage == 0 else psi, "optimizer": S * psi}
-    mine = {"params": shard, "grads": shard, "optimizer": S * shard}
-    return {key: int(itemsize) * (mine[key] if key in ZERO_SHARDED[stage] else whole[key])
-            for key in whole}
-
-
-def unit_counts(unit_sizes):
-    """unit_sizes (elements per unit: a list, tuple or 1-D array of integers >= 0) as ints."""
-    if not isinstance(unit_sizes, (list, tuple, range, np.ndarray)):
-        raise TypeError(f"unit_sizes must be a list of element counts, one per unit, got "
-                        f"{unit_sizes!r}")
-    return [_count("unit_sizes", u) for u in unit_sizes]
-
-
-def _ranks(world_size):
-    """world_size as an int >= 1 (check_integer's errors name it)."""
-    check_integer("world_size", world_size, minimum=1)
-    return int(world_size)
-
-
 def transformer_activation_bytes(s, b, h, a, L, bytes_per_value=2, dropout=True,
                                  recompute=False):
     """Bytes a transformer's L layers keep for backward (Korthikanti et al. 2022, §4):
@@ -269,12 +177,6 @@ def mlp_activation_bytes(batch, sizes, activation="relu", itemsize=8, label_item
     if not fused and activation == "relu":
         values += sum(sizes[1:-1])
     return n * values * itemsize + n * label_itemsize
-
-
-def _count(name, value):
-    """`value` as an int >= 0 (data.check_integer's TypeError or ValueError names `name`)."""
-    check_integer(name, value, minimum=0)
-    return int(value)
 
 
 INT64_PARTS = ("tokens", "labels")  # the parts of gpt_activation_elements kept as int64

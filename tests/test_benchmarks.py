@@ -152,7 +152,7 @@ def test_the_transformer_benchmark_without_torch_times_minidist_alone(tmp_path):
 def test_the_zero_benchmark_runs_every_peer_on_the_same_sgd_and_counts_memory(tmp_path):
     # the tiny --quick run: 5 minidist peers and the 4 PyTorch ones (one start of 2 ranks)
     pytest.importorskip("torch")
-    from minidist import memory, nn
+    from minidist import data, memory, nn
     from minidist.parallel.buckets import units
 
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zero.py"), "--quick",
@@ -176,7 +176,11 @@ def test_the_zero_benchmark_runs_every_peer_on_the_same_sgd_and_counts_memory(tm
             cut = units(model, rows[key]["options"]["bucket_bytes"])
             formula = memory.zero_state_bytes([u.size for u in cut], stage, n)
             assert {k: m[k] for k in formula} == formula, (key, rank)
-            assert m["formula_peak"] == sum(formula.values()) + m["activations"]
+            start, stop = data.shard_bounds(result["batch"], rank, n)
+            kept = memory.mlp_unit_activations(stop - start, result["sizes"], cut)
+            assert m["formula_peak"] == m["peak"] == memory.zero_peak_bytes(
+                [u.size for u in cut], stage, n, activations=kept,
+                overlap=rows[key]["options"]["overlap"])
             assert m["peak_over_formula"] == m["peak"] / m["formula_peak"]
             assert m["state_over_formula"] == 1.0
     # PyTorch's counted tensors: Ψ float64s each (DDP), the optimizer state split (ZeRO-1),

@@ -46,7 +46,7 @@ def call(comm, collective, algorithm, shape, dtype, root):
     elif collective == "all_gather":
         comm.all_gather(x, algorithm="ring")
     elif collective == "reduce_scatter":
-        comm.reduce_scatter(x)
+        comm.reduce_scatter(x, algorithm="ring")
     elif collective == "gather":
         comm.gather(x, dst=root)
     elif collective == "scatter":  # shape: one rank's row

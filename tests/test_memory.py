@@ -1,6 +1,6 @@
 """The memory each rank reports, checked against the formulas of minidist.memory (ZeRO's model
 states, Korthikanti et al.'s transformer activations, the MLP's exact count) and against
-numbers counted by hand."""
+numbers counted by hand; ZeRO's own formulas are tested in test_zero_memory.py."""
 
 import functools
 import importlib
@@ -258,54 +258,6 @@ def test_recompute_holds_at_most_the_inputs_and_one_rebuilt_block(strategy, work
         for with_, without in zip(runs[True].memory, runs[False].memory, strict=True):
             assert with_["activations"] == without["activations"] + N * T * d * 8
         np.testing.assert_allclose(runs[True].params, runs[False].params, rtol=0, atol=1e-12)
-
-
-# ---- ZeRO's model states: the paper's arithmetic and minidist's padded shards ---------------
-
-def test_zero_model_state_bytes_is_the_papers_figure_1():
-    """Rajbhandari et al. 2020, Fig. 1: Ψ = 7.5 B, N = 64, mixed-precision Adam (K = 12):
-    120 GB, 31.4 GB, 16.6 GB and 1.9 GB per device for stages 0, 1, 2, 3."""
-    psi, n = 7_500_000_000, 64
-    totals = [sum(memory.zero_model_state_bytes(psi, stage, n).values()) for stage in range(4)]
-    assert totals == [16 * psi, (4 + 12 / n) * psi, (2 + 14 / n) * psi, 16 * psi / n]
-    assert [round(t / 1e9, 1) for t in totals] == [120.0, 31.4, 16.6, 1.9]
-
-
-def test_zero_model_state_bytes_small_exact_cases():
-    assert memory.zero_model_state_bytes(12, 0, 4, "fp64", "sgd") == \
-        memory.model_state_bytes(12, "fp64", "sgd") == {"params": 96, "grads": 96,
-                                                        "optimizer": 96}
-    assert memory.zero_model_state_bytes(12, 1, 4, "fp64", "sgd") == {
-        "params": 96, "grads": 96, "optimizer": 24}
-    assert memory.zero_model_state_bytes(12, 2, 4, "fp32", "adam") == {
-        "params": 48, "grads": 12, "optimizer": 24}
-    assert memory.zero_model_state_bytes(10, 3, 4) == {"params": 5, "grads": 5,
-                                                       "optimizer": 30}  # fp16 Adam: 2, 2, 12
-    with pytest.raises(ValueError, match="stage must be a ZeRO stage 0, 1, 2 or 3, got 4"):
-        memory.zero_model_state_bytes(10, 4, 2)
-    with pytest.raises(TypeError, match="stage must be an integer"):
-        memory.zero_model_state_bytes(10, 1.0, 2)
-    with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
-        memory.zero_model_state_bytes(10, 1, 0)
-
-
-def test_zero_state_bytes_pads_each_unit_to_a_multiple_of_n():
-    # units of 10 and 7 elements over N = 3: shards of ⌈10/3⌉ + ⌈7/3⌉ = 4 + 3 = 7, Ψ = 17
-    assert memory.zero_state_bytes([10, 7], 0, 3) == {"params": 136, "grads": 272,
-                                                      "optimizer": 136}
-    assert memory.zero_state_bytes([10, 7], 1, 3) == {"params": 136, "grads": 136,
-                                                      "optimizer": 56}
-    assert memory.zero_state_bytes([10, 7], 2, 3, optimizer="adam") == {
-        "params": 136, "grads": 56, "optimizer": 112}
-    assert memory.zero_state_bytes([10, 7], 3, 3, itemsize=4) == {"params": 28, "grads": 28,
-                                                                  "optimizer": 28}
-    for stage in (1, 2, 3):  # one rank: the unsharded states, as single holds them
-        assert memory.zero_state_bytes([PSI], stage, 1, optimizer="adam") == \
-            memory.model_state_bytes(PSI, "fp64", "adam")
-    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
-        memory.zero_state_bytes([10], 1, 2, optimizer="lamb")
-    with pytest.raises(ValueError, match="unit_sizes must be an integer >= 0"):
-        memory.zero_state_bytes([10, -1], 1, 2)
 
 
 # ---- the budget: from the plan before training, and during the run --------------------------

@@ -1,9 +1,11 @@
 """ZeRO stages 1, 2 and 3: the same training as one process (float64, 1e-10), the sharded
 memory each rank measures against the padded-shard arithmetic, the bytes each rank sends
-against the ZeRO paper's count, a memory budget only sharding meets, and bad options named."""
+against the ZeRO paper's count, a memory budget only sharding meets, the timeline drawn unit by
+unit (stage 3: each unit's bar after its all-gather), and bad options named."""
 
 import functools
 import importlib.util
+import itertools
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from minidist import OutOfMemory, data, nn, run, train
 from minidist.parallel.buckets import units
 from minidist.parallel.fsdp import FSDP
 from minidist.parallel.job import Clock, Job
+from minidist.trace import COMPUTE
 
 # Ψ = 1885 + 330 + 120 = 2335: neither Ψ nor the first layer's 1885 is divisible by 2, 3 or 4
 MODEL = functools.partial(nn.mlp, [64, 29, 11, 10], seed=0)
@@ -155,6 +158,59 @@ def test_a_budget_data_parallel_cannot_meet_and_stage_3_can(digits):
                  bucket_bytes=1, overlap=True, max_memory_per_rank=budget, **kwargs)
     assert max(held["peak"] for held in hist.memory) <= budget
     assert_same_training(hist, train(wide, *digits, **kwargs))
+
+
+def _of_step(events, t):
+    """One step's events, idle left out, in order of start."""
+    return [e for e in events if e[3] == t and e[0] != "idle"]
+
+
+def _bars(events):
+    """The compute bars (forward, backward) as (name, micro): micro is the unit, −1 for none."""
+    return [(e[0], e[4]) for e in events if e[0] in COMPUTE]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stage_3_draws_a_bar_per_unit_after_its_gather(digits, overlap):
+    """bucket_bytes=1: units 0, 1, 2 are layers 4, 2, 0 (last first), the ReLUs 1 and 3 between
+    them (fused into the forward's Linear bars). Each unit's bar begins after its all-gather
+    ended; without prefetch everything runs one after the other: gather, compute, (reduce-
+    scatter, then a bar of no unit: freeing, the ReLU's backward), gather, compute, ..."""
+    hist = train(MODEL, *digits, strategy="zero", stage=3, workers=2, backend="thread",
+                 bucket_bytes=1, overlap=overlap, **{**SGD, "steps": 2})
+    after = [("backward", -1)] if not overlap else []  # what follows a blocking reduce-scatter
+    expected = [("forward", 2), ("forward", 1), ("forward", 0), ("backward", -1),
+                ("backward", 0), *after, ("backward", 1), *after, ("backward", 2), *after]
+    for events in hist.events:
+        for t in range(2):
+            step = _of_step(events, t)
+            assert _bars(step) == expected
+            gathers = [e for e in step if e[0] == "all_gather"]  # in the order issued
+            units_bars = [e for e in step if e[0] in COMPUTE and e[4] >= 0]
+            assert len(gathers) == len(units_bars) == 6
+            assert all(g[2] <= bar[1] for g, bar in zip(gathers, units_bars, strict=True))
+            if not overlap:
+                assert [e[0] for e in step] == ["all_gather", "forward"] * 3 + ["backward"] + [
+                    "all_gather", "backward", "reduce_scatter", "backward"] * 3 + ["optimizer"]
+                assert all(a[2] <= b[1] for a, b in itertools.pairwise(step))  # one by one
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_bars_hold_the_compute_seconds(digits, stage):
+    """Stages 1, 2 with overlap block nowhere in a pass: the bars tile both passes, so they and
+    the optimizer's event add up to the step's compute seconds. Stage 3 blocks on its first
+    gather at least: the bars hold no more than the compute seconds."""
+    hist = train(MODEL, *digits, strategy="zero", stage=stage, workers=2, backend="thread",
+                 bucket_bytes=UNITS, overlap=True, **{**SGD, "steps": 2})
+    for t in range(2):  # History.compute_time is rank 0's
+        step = _of_step(hist.events[0], t)
+        assert _bars(step) == [("forward", 1), ("forward", 0), ("backward", -1),
+                               ("backward", 0), ("backward", 1)]
+        busy = sum(e[2] - e[1] for e in step if e[0] in (*COMPUTE, "optimizer"))
+        if stage < 3:
+            assert busy == pytest.approx(hist.compute_time[t], rel=0, abs=1e-6)  # float rounding
+        else:
+            assert busy <= hist.compute_time[t] + 1e-6
 
 
 def _released(comm):

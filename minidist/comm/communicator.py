@@ -28,6 +28,7 @@ from minidist.comm import collectives
 from minidist.comm.calls import NO_CALL, Call, describe
 from minidist.comm.stats import Stats
 from minidist.comm.work import AsyncOps, Progress
+from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError, CommTimeout, clock
 
 TAG_LIMIT = 2**30  # user tags lie in [0, TAG_LIMIT)
@@ -115,6 +116,30 @@ class Communicator(AsyncOps):
         op = self.stats[self._op]
         op.bytes_sent += sent
         op.bytes_received += received
+
+    def _reduce_chunk(self, buffers, op):
+        """A native reduce-scatter's arithmetic, over buffers[s] (rank s's array, readable
+        here): my chunk of rows of the op over all of them, in the ring's order, acc = x_{r+1},
+        then acc = x_s ∘ acc for s = r+2, …, r (mod p), so both algorithms give the same bits.
+        Counted as the ring counts: every chunk but mine out, every chunk but rank r−1's in."""
+        p, r = self.world_size, self.rank
+        lo, hi = shard_bounds(len(buffers[0]), r, p)
+        ufunc = collectives.UFUNCS[op]
+        chunk = buffers[(r + 1) % p][lo:hi].copy()
+        for k in range(2, p + 1):
+            ufunc(buffers[(r + k) % p][lo:hi], chunk, out=chunk)
+        if op == "mean":
+            chunk /= p
+        self._count_native(*self._reduce_scatter_traffic(buffers[0]))
+        return chunk
+
+    def _reduce_scatter_traffic(self, array):
+        """(sent, received): the bytes the ring reduce-scatter of `array` moves at this rank,
+        every chunk of rows but mine out, every chunk but rank r−1's in."""
+        p, r, rows = self.world_size, self.rank, len(array)
+        row = array.nbytes // rows if rows else 0
+        (lo, hi), (left_lo, left_hi) = (shard_bounds(rows, c, p) for c in (r, (r - 1) % p))
+        return (rows - (hi - lo)) * row, (rows - (left_hi - left_lo)) * row
 
     def alloc(self, shape, dtype=np.float64):
         """A zeroed array that this backend can communicate fastest (the process backend
@@ -271,18 +296,21 @@ class Communicator(AsyncOps):
                 return run(array)
         return self._start("all_gather", body, async_op)
 
-    def reduce_scatter(self, array, op="sum", async_op=False):
+    def reduce_scatter(self, array, op="sum", algorithm="auto", async_op=False):
         """Reduce over ranks, then return this rank's chunk of rows (axis 0 split as in
-        data.shard: the first len(array) mod p ranks get one row more; async_op: a Work whose
-        wait() returns it)."""
+        data.shard: the first len(array) mod p ranks get one row more; `array` is left as it
+        was; async_op: a Work whose wait() returns it). algorithm: "ring" (collectives.py) or
+        "native" (the backend's own, which "auto" prefers)."""
         check_buffer(array, "reduce_scatter")
         self._check_op(op, array)
         if array.ndim == 0:
             raise ValueError("reduce_scatter needs an array with at least one axis to split")
+        run, how = self._algorithm("reduce_scatter", algorithm, ("ring", "native", "auto"),
+                                   "ring")
 
         def body():
-            with self._collective("reduce_scatter", array, ("op", op)):
-                return collectives.reduce_scatter_ring(self, array, op)
+            with self._collective("reduce_scatter", array, ("op", op), ("algorithm", how)):
+                return run(array, op)
         return self._start("reduce_scatter", body, async_op)
 
     def gather(self, array, dst=0):

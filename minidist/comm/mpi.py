@@ -15,9 +15,9 @@ is part of) in front of the data. A receiver takes rank src's messages in order 
 for other tags until asked.
 Nothing blocks inside MPI: every wait polls a request (MPICommunicator._poll), so a waiting rank
 gives its core to a busy one (8 ranks on 2 cores) and every wait ends at its timeout. Native
-collectives are MPI's own (Iallreduce, Ibcast, Iallgather), checked first for a call that all
-ranks agree on (an all-gather of 8-byte digests), since MPI answers mismatched sizes with wrong
-numbers rather than an error.
+collectives are MPI's own (Iallreduce, Ibcast, Iallgather, Ireduce_scatter), checked first for a
+call that all ranks agree on (an all-gather of 8-byte digests), since MPI answers mismatched
+sizes with wrong numbers rather than an error.
 """
 
 import contextlib
@@ -34,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from minidist.comm import collectives
 from minidist.comm.calls import CALL_BYTES, NO_CALL, Call
 from minidist.comm.communicator import Communicator, closing_error, deadline_error, wire_dtype
+from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
 
 MPI = None  # mpi4py.MPI, imported on first use: importing it starts MPI in this process
@@ -261,6 +262,29 @@ class MPICommunicator(Communicator):
         n = (self.world_size - 1) * array.nbytes
         self._count("all_gather", n, n, self.world_size - 1)
         return out
+
+    def _native_reduce_scatter(self, array, op):
+        """MPI's Ireduce_scatter_block when the rows split evenly, else Ireduce_scatter with
+        each rank's count of elements (rows as data.shard_bounds splits them)."""
+        self._agree()
+        mpi_op = _mpi_op(array.dtype, op)
+        if mpi_op is None:
+            return collectives.reduce_scatter_ring(self, array, op)
+        p, rows = self.world_size, len(array)
+        bounds = [shard_bounds(rows, c, p) for c in range(p)]
+        lo, hi = bounds[self.rank]
+        chunk = np.empty((hi - lo, *array.shape[1:]), array.dtype)
+        self._set_status(f"reduce_scatter: MPI Ireduce_scatter over {p} ranks")
+        if rows % p == 0:
+            self._wait(self.mpi.Ireduce_scatter_block(array, chunk, mpi_op))
+        else:
+            row = array.size // rows
+            counts = [(b - a) * row for a, b in bounds]
+            self._wait(self.mpi.Ireduce_scatter(array, chunk, counts, mpi_op))
+        if op == "mean":
+            chunk /= p
+        self._count("reduce_scatter", *self._reduce_scatter_traffic(array), p - 1)
+        return chunk
 
     def finish(self):
         """End of a run: wait (at most `timeout`) until every rank has finished and every message

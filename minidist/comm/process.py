@@ -4,8 +4,8 @@
 to the destination when it fits, and otherwise hands a private copy to a feeder thread that
 streams it in as the receiver makes room; either way it returns at once. `recv` copies bytes out
 of the ring from the source, sleeping on a semaphore while the ring is empty. The native
-all-reduce skips messages altogether: every rank reduces its chunk straight out of the other
-ranks' shared buffers.
+collectives skip messages altogether: every rank reduces its chunk (all-reduce, reduce-scatter)
+or copies what it needs (all-gather, broadcast) straight out of the other ranks' shared buffers.
 """
 
 import os
@@ -230,14 +230,19 @@ class ProcessCommunicator(Communicator):
         buf = self.peer_segments[(src, index)].buf
         return np.ndarray(like.shape, like.dtype, buf, offset)
 
-    def _publish(self, array):
-        """Make `array` readable by the other ranks, copying it into shared scratch if needed."""
+    def _publish(self, array, private=None):
+        """Make `array` readable by the other ranks, copying it into shared scratch if needed
+        (all but its rows private = (lo, hi), which only this rank reads)."""
         place = self._locate(array)
         if place is None:
             if self.scratch is None or self.scratch.nbytes < array.nbytes:
                 self.scratch = self.alloc(max(array.nbytes, 1), np.uint8)
             shared = self.scratch[: array.nbytes].view(array.dtype).reshape(array.shape)
-            shared[...] = array
+            if private is None:
+                shared[...] = array
+            else:
+                lo, hi = private
+                shared[:lo], shared[hi:] = array[:lo], array[hi:]
             place = self._locate(shared)
         else:
             shared = array
@@ -292,19 +297,25 @@ class ProcessCommunicator(Communicator):
             array /= self.world_size
         return array
 
-    def _small_all_reduce(self, array, ufunc):
-        """One barrier: write my slot, then every rank reduces all slots in rank order (so all
-        get identical bits). Slots alternate between two sets, so the next call cannot
-        overwrite a slot that a slower rank is still reading."""
-        p, r, nbytes = self.world_size, self.rank, array.nbytes
+    def _slots(self, nbytes, dtype):
+        """Every rank's small slot of the next set, as `nbytes` of `dtype`. Sets alternate, so a
+        call cannot overwrite a slot that a slower rank still reads from the call before (to
+        reuse a set, every rank must have passed the next call's _meet)."""
         parity = self.small_calls & 1
         self.small_calls += 1
-        key = (parity, nbytes, array.dtype)
+        key = (parity, nbytes, dtype)
         slots = self.slot_views.get(key)
         if slots is None:
-            slots = [slot[:nbytes].view(array.dtype) for slot in self.small_slots[parity]]
+            slots = [slot[:nbytes].view(dtype) for slot in self.small_slots[parity]]
             self.slot_views = {**self.slot_views, key: slots} if len(self.slot_views) < 64 \
                 else {key: slots}
+        return slots
+
+    def _small_all_reduce(self, array, ufunc):
+        """One barrier: write my slot, then every rank reduces all slots in rank order (so all
+        get identical bits)."""
+        p, r, nbytes = self.world_size, self.rank, array.nbytes
+        slots = self._slots(nbytes, array.dtype)
         flat = array.reshape(-1)
         np.copyto(slots[r], flat)
         self._meet()
@@ -349,6 +360,39 @@ class ProcessCommunicator(Communicator):
                     received=0 if root else array.nbytes)
         return array
 
+    def _share(self, array, private=None):
+        """Every rank's `array` (rank s's at [s]), readable by all once _meet has passed: in the
+        small slots when it fits one, else in published buffers (all but the rows `private`);
+        then True: the caller must _wait_all after reading, so that nobody overwrites a buffer
+        another still reads."""
+        p, r = self.world_size, self.rank
+        if array.nbytes <= SMALL:
+            slots = [slot.reshape(array.shape) for slot in self._slots(array.nbytes, array.dtype)]
+            np.copyto(slots[r], array)
+            self._meet()
+            return slots, False
+        self._publish(array, private)
+        self._meet()
+        return [array if s == r else self._peer_view(s, array) for s in range(p)], True
+
+    def _native_reduce_scatter(self, array, op):
+        """My chunk of rows, reduced straight out of every rank's shared buffer (my own rows
+        are not shared: only I read them)."""
+        buffers, wait = self._share(array, shard_bounds(len(array), self.rank, self.world_size))
+        chunk = self._reduce_chunk(buffers, op)
+        if wait:
+            self._wait_all()
+        return chunk
+
+    def _native_all_gather(self, array):
+        """Every rank's array, copied straight out of its shared buffer."""
+        buffers, wait = self._share(array)
+        out = np.stack(buffers)
+        if wait:
+            self._wait_all()
+        moved = (self.world_size - 1) * array.nbytes
+        self._count_native(sent=moved, received=moved)
+        return out
 
 
 def _int64s(*values):

@@ -9,6 +9,7 @@ import time
 import traceback
 from collections import defaultdict, deque
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from minidist.comm.collectives import UFUNCS
@@ -134,8 +135,6 @@ class ThreadCommunicator(Communicator):
         self._count_native(sent=moved, received=moved)
         return array
 
-
-
     def _native_broadcast(self, array, src):
         """The root lends its array; every other rank copies it directly."""
         self.world.slots[self.rank] = array
@@ -148,6 +147,25 @@ class ThreadCommunicator(Communicator):
         self._count_native(sent=(self.world_size - 1) * array.nbytes if root else 0,
                            received=0 if root else array.nbytes)
         return array
+
+    def _native_reduce_scatter(self, array, op):
+        """My chunk of rows, reduced straight out of every rank's array."""
+        self.world.slots[self.rank] = array
+        self._meet()
+        chunk = self._reduce_chunk(list(self.world.slots), op)
+        self._wait_all()  # nobody may change its array while others still read it
+        return chunk
+
+    def _native_all_gather(self, array):
+        """Every rank's array, copied straight out of its owner's."""
+        self.world.slots[self.rank] = array
+        self._meet()
+        out = np.stack(self.world.slots)
+        self._wait_all()
+        moved = (self.world_size - 1) * array.nbytes
+        self._count_native(sent=moved, received=moved)
+        return out
+
 
 def run_threads(fn, world_size, args, kwargs, timeout, debug, threads=1):
     """Run fn(comm, *args, **kwargs) on `world_size` threads; results in rank order.

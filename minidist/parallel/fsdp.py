@@ -13,7 +13,11 @@ overlap=True the next unit's all-gather is launched (async_op=True) before the c
 computes, the unit after it in the forward and the unit before it in the backward (the
 backward's first unit beneath the loss), and every reduce-scatter is launched as its unit's
 backward ends and waited for before the step. The step updates the shard in place.
+On the timeline (zero's docstring) a unit's bar begins once its gather has returned: without
+prefetch after a gap, the gather beneath it; with prefetch the next unit's gather runs beneath.
 """
+
+import time
 
 import numpy as np
 
@@ -50,14 +54,7 @@ class FSDP(Zero):
         n, c = self.layout.n, self.layout.c
         return sum(n * c[k] for k in self.prefetched) * self.layout.dtype.itemsize
 
-    # ---- the hooks: units is last layer first, so forward runs k = K−1 … 0, backward 0 … K−1
-    def before_forward(self, i):
-        k = self.by_first.get(i)
-        if k is not None:
-            self._gather(k)
-            if self.overlap and k > 0:
-                self._prefetch(k - 1)
-
+    # ---- the hooks (and Zero's before_forward, before_backward: they call _ready) -------------
     def after_forward(self, i):
         k = self.by_last.get(i)
         if k is not None:
@@ -66,20 +63,29 @@ class FSDP(Zero):
             if self.overlap and k == 0:
                 self._prefetch(0)
 
-    def before_backward(self, i):
-        k = self.by_last.get(i)
-        if k is not None:
-            self._gather(k)
-            if self.overlap and k + 1 < len(self.units):
-                self._prefetch(k + 1)
-        super().before_backward(i)
-
     def after_backward(self, i):
         super().after_backward(i)
         if self.by_first.get(i) is not None:
             self._free(self.by_first[i], 0)
 
     # ---- pieces ---------------------------------------------------------------------------
+    def _ready(self, k):
+        """Unit k's θ gathered; with overlap, the next unit's all-gather launched to run beneath
+        k's compute: k − 1 in the forward, k + 1 in the backward (0 at the forward's end)."""
+        self._gather(k)
+        after = k - 1 if self._pass == "forward" else k + 1
+        if self.overlap and 0 <= after < len(self.units):
+            self._prefetch(after)
+
+    def _wait(self, work):
+        """An async op's result (clock.wait): the open bar ends, and the next begins when the
+        op finished, or now if it had (the time clock.exposed counts as blocked: in no bar)."""
+        self._end()
+        called = time.perf_counter()
+        result = self.clock.wait(work)
+        self._edge = max(called, work.finished)
+        return result
+
     def _prefetch(self, k):
         self.prefetched[k] = self.comm.all_gather(self.params[self.layout.chunk(k)],
                                                   async_op=True)
@@ -88,9 +94,9 @@ class FSDP(Zero):
         """Unit k's θ, all-gathered (or its prefetch waited for), bound to its layers."""
         work = self.prefetched.pop(k, None)
         if work is not None:
-            rows = self.clock.wait(work)
+            rows = self._wait(work)
         else:
-            rows = self.clock.timed("comm", self.comm.all_gather,
-                                    self.params[self.layout.chunk(k)], event="all_gather")
+            rows = self._communicate("all_gather", self.comm.all_gather,
+                                     self.params[self.layout.chunk(k)])
         self.live[("θ", k)] = rows
         self._bind(k, 0, rows.reshape(-1))

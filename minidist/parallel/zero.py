@@ -37,6 +37,13 @@ model.params).
 
 overlap=True launches each unit's reduce-scatter (async_op=True) as the backward finishes it,
 waited for before the step; stage 3 also prefetches the next unit's all-gather.
+
+The timeline (History.events) has a forward and a backward bar per unit, micro = its index k
+(viz.gantt prints it), from when the unit may compute (stage 3: its θ gathered) until the next
+unit begins, the rank blocks (a reduce-scatter without overlap) or the pass ends. What is of no
+unit, the loss's gradient or what follows a blocking reduce-scatter (freeing, a parameterless
+layer), is a bar with micro −1. Time blocked on communication is in no bar, nor in the Clock's
+compute seconds.
 """
 
 import time
@@ -146,6 +153,8 @@ class Zero(UnitHooks):
         self.psi, self.weight = model.num_params, None
         self.live = {}  # the temporaries held now, by name: the ledger's transient bytes
         self.pending = {}  # unit -> its async reduce-scatter
+        self._pass, self._bar, self._edge = "forward", None, 0.0  # the timeline's pass, its
+        # open bar (the unit, -1 for none) and where the next bar begins (perf_counter seconds)
         shard = self.layout.shard_of(model.params)
         self.optimizer = make_optimizer(shard)
         self.grads = self.layout.zeros() if self.stage >= 2 else None
@@ -208,11 +217,15 @@ class Zero(UnitHooks):
         """Bytes the results of async ops in flight take, besides `live` (none here)."""
         return 0
 
-    # ---- the hooks ------------------------------------------------------------------------
+    # ---- the hooks: units is last layer first, so forward runs k = K−1 … 0, backward 0 … K−1
+    def before_forward(self, i):
+        self._starts(self.by_first.get(i))
+
     def before_backward(self, i):
         if i == len(self.model.layers) - 1:
             drop_activations([self.model.criterion])
         k = self.by_last.get(i)
+        self._starts(k)
         if k is not None and self.stage >= 2:  # the unit's ∇ goes to a temporary buffer
             self.live[("∇", k)] = self.layout.zeros(k)
             self._bind(k, 1, self.live[("∇", k)])
@@ -228,18 +241,51 @@ class Zero(UnitHooks):
         padded = self.live.pop(("∇", k))
         padded *= self.weight  # the padding stays 0
         self._reduce(k, padded)
+        if self._bar is None:  # it blocked and ended k's bar: what follows is of no unit
+            self._bar = -1
         self._free(k, 1)
 
     # ---- pieces ---------------------------------------------------------------------------
-    def _computed(self, event, fn, *args):
-        """fn(*args) as a compute event; the seconds its hooks blocked on communication
-        (clock.exposed grows by them) are not compute."""
+    def _computed(self, name, fn, *args):
+        """fn(*args), the pass `name`, drawn as bars (`_starts`); the seconds its hooks blocked
+        on communication (clock.exposed grows by them) are not compute."""
         clock, t = self.clock, self.clock.t
-        blocked, start = clock.exposed[t], time.perf_counter()
+        self._pass, blocked = name, clock.exposed[t]
+        start = self._edge = time.perf_counter()
+        self._bar = -1 if name == "backward" else None  # the loss's gradient: before any layer
         result = fn(*args)
-        end = time.perf_counter()
+        end = self._end()
         clock.compute[t] += (end - start) - (clock.exposed[t] - blocked)
-        clock.trace.add(event, start, end)
+        return result
+
+    def _starts(self, k):
+        """A layer is about to compute, the first of unit k: the open bar ends, k's parameters
+        are made ready and k's bar begins. k None (a layer of no unit): it joins the open bar,
+        or begins one of no unit."""
+        if k is not None:
+            self._end()
+            self._ready(k)
+            self._bar = k
+        elif self._bar is None:
+            self._bar = -1
+
+    def _ready(self, k):
+        """Make unit k's parameters ready to compute with (stages 1, 2: they are)."""
+
+    def _end(self):
+        """The open bar, if any, ends now: a compute event of this pass. Returns now."""
+        now = time.perf_counter()
+        if self._bar is not None:
+            self.clock.trace.add(self._pass, self._edge, now, self._bar)
+            self._bar, self._edge = None, now
+        return now
+
+    def _communicate(self, event, fn, *args):
+        """fn(*args), a blocking collective, timed as `event`: the open bar ends before it,
+        and the next begins after it."""
+        self._end()
+        result = self.clock.timed("comm", fn, *args, event=event)
+        self._edge = time.perf_counter()
         return result
 
     def _weighted_copy(self, k):
@@ -256,7 +302,7 @@ class Zero(UnitHooks):
         if self.overlap:  # `padded` stays in live until the step has waited
             self.pending[k] = self.comm.reduce_scatter(rows, async_op=True)
             return
-        chunk = self.clock.timed("comm", self.comm.reduce_scatter, rows, event="reduce_scatter")
+        chunk = self._communicate("reduce_scatter", self.comm.reduce_scatter, rows)
         del self.live[("sent", k)]
         self._store(k, chunk)
 
