@@ -3,8 +3,10 @@
 A rank records events — forward, backward, optimizer, its communication (send, recv and the
 collectives), and the idle gaps between them — as (name, start, end, step, micro) with start
 and end from time.perf_counter (one monotonic clock for all threads and processes of a
-machine). An async collective's event runs from when it started to when it finished, so it may
-lie under a backward, overlapping it. From them:
+machine). `micro` numbers the micro-batch of a pipeline's forward and backward, or the unit of
+ZeRO's (−1: none). An async collective's event runs from when it started to when it finished,
+so it may lie under a backward, overlapping it; the idle gaps are the gaps of everything else
+(a rank waiting under a communication bar is waiting on it). From them:
 
     bubble fraction of a stage = 1 − (forward + backward seconds) / (the pipeline phase's span)
 

@@ -137,11 +137,13 @@ class UnitActivations(NamedTuple):
     """Activation bytes the layers keep at the moments a ZeRO rank's ledger looks (units in
     buckets.units' order, last layer first): `loss` after the loss's forward (the most, the
     ledger's "activations"), forward[k] after unit k's forward, backward[k] after unit k's
-    backward (its first layer has let go of its own)."""
+    backward (its first layer has let go of its own), begin[k] as unit k's backward begins
+    (the loss and the layers after unit k have let go of theirs)."""
 
     loss: int
     forward: tuple
     backward: tuple
+    begin: tuple
 
 
 def mlp_unit_activations(batch, sizes, unit_list, itemsize=8, label_itemsize=8):
@@ -154,6 +156,7 @@ def mlp_unit_activations(batch, sizes, unit_list, itemsize=8, label_itemsize=8):
         loss         p_L + n·label_itemsize: memory.mlp_activation_bytes
         backward[k]  p_l, l = unit k's first Linear (its input is still the activation's
                      before it), 0 for l = 0 (the batch was Linear 0's alone)
+        begin[k]     p_l, l = unit k's last Linear (the inputs of it and the Linears before)
     """
     n = _count("batch", batch)
     d = [_count("sizes", v) for v in sizes]
@@ -162,12 +165,14 @@ def mlp_unit_activations(batch, sizes, unit_list, itemsize=8, label_itemsize=8):
                          f"got {d}")
     p = [n * int(itemsize) * s for s in itertools.accumulate(d)]
     last = len(d) - 2  # the last Linear's number
-    forward, backward = [], []
+    forward, backward, begin = [], [], []
     for unit in unit_list:
         first_l, last_l = (_linear(unit, side, last) for side in ("first", "last"))
         forward.append(p[min(last_l + 1, last)])
         backward.append(p[first_l] if first_l else 0)
-    return UnitActivations(p[-1] + n * int(label_itemsize), tuple(forward), tuple(backward))
+        begin.append(p[last_l])
+    return UnitActivations(p[-1] + n * int(label_itemsize), tuple(forward), tuple(backward),
+                           tuple(begin))
 
 
 def _linear(unit, side, last):
@@ -184,21 +189,25 @@ def zero_moments(unit_sizes, stage, world_size, itemsize=8, activations=0, overl
     """{moment: activation + transient bytes} at every moment a rank of minidist's ZeRO shows
     its ledger (Zero.moment), on top of its persistent zero_state_bytes. Units k = 0 … K−1
     (last layer first, as buckets.units): g_k = N·c_k·b bytes of a padded unit, s = Σc·b the
-    rank's shard; F_k, A, B_k the activations (UnitActivations) after unit k's forward, the
-    loss and unit k's backward. [overlap=True only]:
+    rank's shard, R_k = Σ_{j<k} (g_j + c_j·b) the reduce-scatters of units before k in flight
+    (overlap: each padded copy and its result chunk); F_k, A, B_k, E_k the activations
+    (UnitActivations) after unit k's forward, the loss and unit k's backward, and as unit k's
+    backward begins. [overlap=True only]:
 
       stage 0 (data_parallel)  "loss" A
       stage 1   "loss" A;  without overlap, after the backward, unit k's weighted padded ∇
-                copy: "reduce k" g_k (+ s from k = 1: the reduced ∇ shard, made by unit 0's
-                chunk); [instead "backward k" B_k + Σ_{j≤k} g_j: the copies of every unit
-                reduce-scattering so far, in flight until the step]; "step" 2s: the working
-                copy of my chunks of θ beside the ∇ shard
-      stage 2   "loss" A;  "backward k" B_k + g_k: unit k's temporary gradient, padded, being
-                reduce-scattered [+ Σ_{j<k} g_j still in flight]; "step" s: the θ-chunk copy
+                copy: "reduce k" g_k (+ s from k = 1: the ∇ shard); [instead "backward k"
+                B_k + g_k + R_k, in flight until the step]; "∇ shard" s, made by unit 0's
+                chunk [+ R_K − R_1: the later units still in flight]; "step" 2s: the working
+                copy of my chunks of θ beside the ∇ shard; "gather k" s + g_k: unit k's θ rows
+                all-gathered from that copy (the ∇ shard went after the optimizer's step)
+      stage 2   "loss" A;  "backward k" E_k + g_k: unit k's temporary gradient, padded, to be
+                reduce-scattered [+ R_k]; "step" s: the θ-chunk copy (below every "gather k");
+                "gather k" s + g_k
       stage 3   "forward k" F_k + g_k: unit k's gathered θ [+ g_{k−1}: unit k−1's prefetch in
                 flight]; "loss" A [+ g_0: unit 0's prefetch for the backward]; "backward k"
-                B_k + 2g_k: unit k's gathered θ and its gradient being reduce-scattered
-                [+ Σ_{j<k} g_j in flight + g_{k+1}: unit k+1's prefetch]; "step" 0
+                E_k + 2g_k: unit k's gathered θ and its gradient buffer [+ R_k + g_{k+1}: unit
+                k+1's prefetch]; "step" 0
 
     Like PyTorch FSDP's note that its peak holds the largest unit's gathered parameters, the
     largest g_k decides stage 3 (and, with overlap, the neighbours it prefetches).
@@ -212,10 +221,10 @@ def zero_moments(unit_sizes, stage, world_size, itemsize=8, activations=0, overl
     if not isinstance(overlap, (bool, np.bool_)):
         raise TypeError(f"overlap must be True or False, got {overlap!r}")
     sizes = unit_counts(unit_sizes)
-    F, A, B = _moment_activations(activations, len(sizes))
+    F, A, B, E = _moment_activations(activations, len(sizes))
     g = [n * -(-u // n) * int(itemsize) for u in sizes]
-    s, sent = sum(g) // n, list(itertools.accumulate(g))  # sent[k] = Σ_{j≤k} g_j
-    K, pre = len(g), overlap and stage == 3  # pre: FSDP prefetches
+    s, K, pre = sum(g) // n, len(g), overlap and stage == 3  # pre: FSDP prefetches
+    R = [0, *itertools.accumulate(gj + gj // n for gj in g)] if overlap else [0] * (K + 1)
     moments = {"loss": A + (g[0] if pre and K else 0)}
     if stage == 0:
         return moments
@@ -224,27 +233,35 @@ def zero_moments(unit_sizes, stage, world_size, itemsize=8, activations=0, overl
             moments[f"forward {k}"] = F[k] + g[k] + (g[k - 1] if pre and k else 0)
         if stage == 1 and not overlap:
             moments[f"reduce {k}"] = g[k] + (s if k else 0)
+        elif stage == 1:
+            moments[f"backward {k}"] = B[k] + g[k] + R[k]
         else:
             gathered = g[k] + (g[k + 1] if pre and k + 1 < K else 0) if stage == 3 else 0
-            moments[f"backward {k}"] = B[k] + gathered + (sent[k] if overlap else g[k])
+            moments[f"backward {k}"] = E[k] + gathered + g[k] + R[k]
+    if stage == 1 and K:
+        moments["∇ shard"] = s + R[K] - R[1]
     moments["step"] = {1: 2 * s, 2: s, 3: 0}[stage]
+    if stage < 3:
+        moments.update({f"gather {k}": s + g[k] for k in range(K)})
     return moments
 
 
 def _moment_activations(activations, n_units):
-    """(F, A, B) from an int A (A everywhere) or a UnitActivations of n_units units."""
+    """(F, A, B, E) from an int A (A everywhere) or a UnitActivations of n_units units."""
     if isinstance(activations, UnitActivations):
-        F, B = list(activations.forward), list(activations.backward)
-        if len(F) != n_units or len(B) != n_units:
-            raise ValueError(f"activations: forward and backward need one value per unit "
-                             f"({n_units}), got {len(F)} and {len(B)}")
-        values = [_count("activations", v) for v in (*F, activations.loss, *B)]
-        return values[:n_units], values[n_units], values[n_units + 1:]
+        F, B, E = (list(v) for v in (activations.forward, activations.backward,
+                                      activations.begin))
+        if not len(F) == len(B) == len(E) == n_units:
+            raise ValueError(f"activations: forward, backward and begin need one value per "
+                             f"unit ({n_units}), got {len(F)}, {len(B)} and {len(E)}")
+        values = [_count("activations", v) for v in (*F, activations.loss, *B, *E)]
+        K = n_units
+        return values[:K], values[K], values[K + 1:2 * K + 1], values[2 * K + 1:]
     if not isinstance(activations, (int, np.integer)) or isinstance(activations, bool):
         raise TypeError(f"activations must be an integer number of bytes or a "
                         f"UnitActivations, got {activations!r}")
     A = _count("activations", activations)
-    return [A] * n_units, A, [A] * n_units
+    return [A] * n_units, A, [A] * n_units, [A] * n_units
 
 
 def zero_peak_bytes(unit_sizes, stage, world_size, itemsize=8, optimizer="sgd", activations=0,
@@ -256,10 +273,9 @@ def zero_peak_bytes(unit_sizes, stage, world_size, itemsize=8, optimizer="sgd", 
 
     exactly with activations a UnitActivations (mlp_unit_activations), an upper bound at most
     the int A above it with activations an int. Stage 0 is data_parallel (with or without
-    overlap): the state plus A. What is held between the moments the ledger is shown is in
-    neither: temporaries inside one op, a reduce-scatter's result chunk before it is stored,
-    the all-gathered rows of a unit in the step of stages 1 and 2 (g_k beside the θ-chunk
-    copy), and with stage 1's overlap the ∇ shard made while the sent copies are still held."""
+    overlap): the state plus A. What lives only inside one op is in neither: a layer's or the
+    optimizer's temporaries, the gradient passed from layer to layer in the backward, and a
+    reduce-scatter's chunk (c_k·b) between its return (or wait) and its store."""
     state = zero_state_bytes(unit_sizes, stage, world_size, itemsize, optimizer)
     moments = zero_moments(unit_sizes, stage, world_size, itemsize, activations, overlap)
     return sum(state.values()) + max(moments.values())

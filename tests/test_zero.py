@@ -17,6 +17,7 @@ from minidist import OutOfMemory, data, nn, run, train
 from minidist.parallel.buckets import units
 from minidist.parallel.fsdp import FSDP
 from minidist.parallel.job import Clock, Job
+from minidist.parallel.zero import Zero
 from minidist.trace import COMPUTE
 
 # Ψ = 1885 + 330 + 120 = 2335: neither Ψ nor the first layer's 1885 is divisible by 2, 3 or 4
@@ -213,13 +214,13 @@ def test_the_bars_hold_the_compute_seconds(digits, stage):
             assert busy <= hist.compute_time[t] + 1e-6
 
 
-def _released(comm):
-    """Stage 3 after a step: what still holds full buffers (should be nothing)."""
+def _after_a_step(comm, stage, overlap):
+    """One step of ZeRO-`stage` on this rank: what still holds buffers afterwards."""
     X, y = data.load_digits()
     job = Job(MODEL, X, y, 1, 64, 0.1, "sgd", {}, 0)
     model, clock = MODEL(), Clock(1)
-    zero = FSDP(comm, clock, model, job.make_optimizer, {"stage": 3, "bucket_bytes": UNITS,
-                                                         "overlap": True})
+    zero = (FSDP if stage == 3 else Zero)(comm, clock, model, job.make_optimizer, {
+        "stage": stage, "bucket_bytes": UNITS, "overlap": overlap})
     with zero.attached(model):
         clock.begin(0)
         zero.forward_backward(X[:32], y[:32], 0.5)
@@ -227,14 +228,31 @@ def _released(comm):
     views = [v for layer in model.layers for side in ("params", "grads")
              for v in getattr(layer, side, {}).values()]
     return (model._params, model._grads, [v.flags.writeable for v in views],
-            np.isnan(np.concatenate([v.ravel() for v in views])).all(), dict(zero.live))
+            np.isnan(np.concatenate([v.ravel() for v in views])).all(), dict(zero.live),
+            zero.pending, zero.grads)
 
 
 def test_stage_3_lets_the_full_buffers_go():
-    for params, grads, writeable, nan, live in run(_released, 2, backend="thread"):
+    for params, grads, writeable, nan, live, pending, _ in run(_after_a_step, 2, backend="thread",
+                                                               args=(3, True)):
         assert params is None and grads is None  # the model's own flat buffers are gone
         assert not any(writeable) and nan  # every view points at a freed placeholder
-        assert live == {}
+        assert live == pending == {}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_step_of_stages_1_and_2_leaves_no_temporary(stage, overlap):
+    """After the step: no gathered rows, θ-chunk copy or gradient copy held, nothing in flight;
+    stage 1 let go of its ∇ shard, stage 2 keeps it (Σc) and never the model's ∇ buffer."""
+    shard = shard_elements(MODEL, 2, UNITS)
+    for params, grads, _, _, live, pending, shard_grads in run(
+            _after_a_step, 2, backend="thread", args=(stage, overlap)):
+        assert live == pending == {} and params.size == MODEL().num_params
+        if stage == 1:
+            assert shard_grads is None and grads.size == params.size
+        else:
+            assert shard_grads.size == shard and grads is None
 
 
 @pytest.mark.parametrize("options, error, words", [

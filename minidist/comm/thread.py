@@ -130,6 +130,7 @@ class ThreadCommunicator(Communicator):
                 lo, hi = bounds[src]
                 slots[r][lo:hi] = slots[src][lo:hi]
         self._wait_all()
+        slots[r] = None  # read by nobody now: let the caller's array go
         mine = bounds[r][1] - bounds[r][0]
         moved = ((p - 1) * mine + array.size - mine) * array.itemsize
         self._count_native(sent=moved, received=moved)
@@ -143,6 +144,7 @@ class ThreadCommunicator(Communicator):
         if self.rank != src:
             array[...] = source
         self._wait_all()
+        self.world.slots[self.rank] = None
         root = self.rank == src
         self._count_native(sent=(self.world_size - 1) * array.nbytes if root else 0,
                            received=0 if root else array.nbytes)
@@ -154,6 +156,7 @@ class ThreadCommunicator(Communicator):
         self._meet()
         chunk = self._reduce_chunk(list(self.world.slots), op)
         self._wait_all()  # nobody may change its array while others still read it
+        self.world.slots[self.rank] = None
         return chunk
 
     def _native_all_gather(self, array):
@@ -162,6 +165,7 @@ class ThreadCommunicator(Communicator):
         self._meet()
         out = np.stack(self.world.slots)
         self._wait_all()
+        self.world.slots[self.rank] = None
         moved = (self.world_size - 1) * array.nbytes
         self._count_native(sent=moved, received=moved)
         return out

@@ -1,6 +1,6 @@
 """ZeRO stage 3 (FSDP, as PyTorch's FullyShardedDataParallel): the parameters are sharded too.
 
-A rank keeps only its shard of θ (its chunk of every padded unit, zero.Layout). A unit's θ
+A rank keeps only its shard of θ (its chunk of every padded unit, zero_layout.Layout). A unit's θ
 exists whole only while the unit computes:
 
     before its forward    all-gather the unit's chunks into a fresh buffer, bind its layers
@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from minidist.parallel.zero import Zero
+from minidist.parallel.zero_layout import bind, release
 
 
 class FSDP(Zero):
@@ -33,7 +34,7 @@ class FSDP(Zero):
 
     def _keep(self, shard):
         """What holds θ: the shard the optimizer steps; the model's buffer is let go."""
-        self._release_all(0)
+        release(self.model, self.units, 0)
         return shard
 
     def step(self):
@@ -50,9 +51,10 @@ class FSDP(Zero):
         return full
 
     def _in_flight(self):
-        """A prefetch in flight: the N·c elements its result takes."""
+        """Zero's, and a prefetch in flight: the N·c elements its result takes."""
         n, c = self.layout.n, self.layout.c
-        return sum(n * c[k] for k in self.prefetched) * self.layout.dtype.itemsize
+        return super()._in_flight() + sum(
+            n * c[k] for k in self.prefetched) * self.layout.dtype.itemsize
 
     # ---- the hooks (and Zero's before_forward, before_backward: they call _ready) -------------
     def after_forward(self, i):
@@ -99,4 +101,4 @@ class FSDP(Zero):
             rows = self._communicate("all_gather", self.comm.all_gather,
                                      self.params[self.layout.chunk(k)])
         self.live[("θ", k)] = rows
-        self._bind(k, 0, rows.reshape(-1))
+        bind(self.model, self.units[k], 0, rows.reshape(-1))

@@ -11,39 +11,37 @@ data_parallel, but keeps only 1/N of what data parallelism replicates:
                                       again before its backward, and freed after each
                                       (minidist.parallel.fsdp)
 
-The layout (`Layout`). The flat buffer is cut into units (buckets.units: layer-aligned, last
-layer first, at most bucket_bytes each). A unit of u elements is padded with zeros to N·c,
-c = ⌈u/N⌉, and rank r owns its chunk r, elements [r·c, (r+1)·c). The rank's shard is its
-chunks of all units end to end, Σ c_u elements; the optimizer steps that array alone, which
-is exact because SGD and Adam act elementwise (the padding: θ = 0 and ∇ = 0, it stays 0).
+The layout (zero_layout.Layout): the flat buffer is cut into units (buckets.units), each padded
+to N·c_u, c_u = ⌈u/N⌉; rank r owns chunk r of each, its shard is those chunks, Σ c_u elements.
 
 Bytes each rank sends per step (b = itemsize): (N−1)·Σ c_u·b reduce-scattering, as many
-all-gathering θ in stages 1 and 2, twice that in stage 3 (1.5× a ring all-reduce). Rank 0's
-θ is broadcast once before training (stats["broadcast"]), as data_parallel does.
+all-gathering θ in stages 1 and 2, twice that in stage 3 (1.5× a ring all-reduce); rank 0's θ
+is broadcast once before training (stats["broadcast"]), as data_parallel does.
 
 Memory, measured from the arrays held (History.memory; b = itemsize, S optimizer arrays):
 
     persistent  stage 1  θ Ψb,  ∇ Ψb,  optimizer S·Σc·b
                 stage 2  θ Ψb,  ∇ shard Σc·b,  optimizer S·Σc·b
                 stage 3  θ shard Σc·b,  ∇ shard Σc·b,  optimizer S·Σc·b
-    transient   the gathered units (stage 3), the temporary gradient units (stages 2, 3),
-                the padded units in flight (overlap), and for the step of stages 1 and 2 the
-                working copy of my chunks of θ (stage 1: and the reduced ∇ shard)
+    transient   stage 3's gathered units, stages 2 and 3's gradient units, the padded units
+                in flight (overlap) with their reduced chunks, stage 1's ∇ shard (from the
+                first chunk to the step) and, in the step of stages 1 and 2, my chunks of θ
+                and each unit's gathered rows
 
-A layer lets go of its activations after its backward (as autograd frees saved tensors), and
-the ledger looks at every moment a unit is complete (`Zero.moment`). A buffer let go is one a
-layer no longer points at (`freed`), nor the model (stage 2 drops model.grads, stage 3 also
-model.params).
+Layers let go of their activations after their backward (as autograd frees saved tensors).
+The ledger is shown (`Zero.moment`; zero_memory.zero_moments) wherever what is held may be at
+its most: after each unit's forward and the loss, and as each buffer above is made. A buffer
+let go is one nothing points at: not `live`, not a layer (zero_layout.freed), not the model
+(stage 2 drops model.grads, stage 3 also model.params).
 
 overlap=True launches each unit's reduce-scatter (async_op=True) as the backward finishes it,
 waited for before the step; stage 3 also prefetches the next unit's all-gather.
 
-The timeline (History.events) has a forward and a backward bar per unit, micro = its index k
-(viz.gantt prints it), from when the unit may compute (stage 3: its θ gathered) until the next
-unit begins, the rank blocks (a reduce-scatter without overlap) or the pass ends. What is of no
-unit, the loss's gradient or what follows a blocking reduce-scatter (freeing, a parameterless
-layer), is a bar with micro −1. Time blocked on communication is in no bar, nor in the Clock's
-compute seconds.
+The timeline (History.events): a forward and a backward bar per unit, micro = its index k,
+from when the unit may compute (stage 3: its θ gathered) until the next unit begins, the rank
+blocks (a reduce-scatter without overlap) or the pass ends; what is of no unit (the loss's
+gradient, what follows a blocking reduce-scatter) is a bar with micro −1. Time blocked on
+communication is in no bar, nor in the Clock's compute seconds.
 """
 
 import time
@@ -56,6 +54,7 @@ from minidist.nn import Sequential, UnitHooks
 from minidist.nn.layers import drop_activations
 from minidist.parallel.buckets import units
 from minidist.parallel.job import Clock, report
+from minidist.parallel.zero_layout import Layout, bind, freed, release
 
 OPTIONS = {"stage": 1, "bucket_bytes": 1 << 20, "overlap": False}
 STAGES = (1, 2, 3)
@@ -103,44 +102,10 @@ def worker(comm, job):
     return {**result, "params": params}
 
 
-class Layout:
-    """Units padded to N·c_u (c_u = ⌈u/N⌉); rank r owns chunk r of each; its shard is those
-    chunks end to end: unit k's chunk is shard[chunk(k)]."""
-
-    def __init__(self, unit_list, world_size, rank, dtype):
-        self.units, self.n, self.rank, self.dtype = unit_list, world_size, rank, dtype
-        self.c = [-(-unit.size // world_size) for unit in unit_list]
-        self.offsets = np.concatenate([[0], np.cumsum(self.c, dtype=np.int64)]).astype(int)
-        self.size = int(self.offsets[-1])
-
-    def chunk(self, k):
-        return slice(self.offsets[k], self.offsets[k + 1])
-
-    def zeros(self, k=None):
-        """A zero shard (k None), or unit k padded: N·c_k zeros."""
-        return np.zeros(self.size if k is None else self.n * self.c[k], self.dtype)
-
-    def shard_of(self, flat):
-        """My chunks of the full buffer `flat`, padded with zeros: a new shard array."""
-        out = self.zeros()
-        for k, unit in enumerate(self.units):
-            lo = min(self.rank * self.c[k], unit.size)
-            hi = min(lo + self.c[k], unit.size)
-            out[self.offsets[k]:self.offsets[k] + hi - lo] = flat[unit.part][lo:hi]
-        return out
-
-
-def freed(size, dtype):
-    """What a released view points at: `size` NaNs in one element's memory, read-only (a
-    stray read shows as NaN, a stray write raises)."""
-    return np.broadcast_to(np.array(np.nan, dtype), (size,))
-
-
 class Zero(UnitHooks):
     """One rank's ZeRO-1 or -2 state and the hooks on its model (`attached`): forward_backward
-    then step, every step; full_params at the end. `params` is what holds θ (the model's flat
-    buffer; fsdp.FSDP: the shard), `grads` the ∇ shard (stage 1: only from the reduce-scatter
-    to the step)."""
+    then step, every step; full_params at the end. `params` holds θ (the model's flat buffer;
+    fsdp.FSDP: the shard), `grads` the ∇ shard (stage 1: from the reduce-scatter to the step)."""
 
     def __init__(self, comm, clock, model, make_optimizer, options):
         self.comm, self.clock, self.model = comm, clock, model
@@ -159,7 +124,7 @@ class Zero(UnitHooks):
         self.optimizer = make_optimizer(shard)
         self.grads = self.layout.zeros() if self.stage >= 2 else None
         if self.stage >= 2:
-            self._release_all(1)
+            release(self.model, self.units, 1)
         self.params = self._keep(shard)
         clock.ledger.hold(memory.array_bytes(self.params),
                           memory.array_bytes(model.grads if self.stage == 1 else self.grads),
@@ -188,21 +153,23 @@ class Zero(UnitHooks):
         return loss
 
     def step(self):
-        """Step my shard (a working copy of my chunks of θ), then all-gather θ unit by unit."""
+        """Step my shard (a working copy of my chunks of θ; stage 1 then lets its ∇ shard go),
+        then all-gather θ unit by unit, each unit's rows copied into θ and let go."""
         self._wait_reduced()
         shard = self.live["θ shard"] = self.layout.shard_of(self.model.params)
         self.moment()
         self.optimizer.params = shard
         self.clock.timed("compute", self.optimizer.step, self.grads, event="optimizer")
         self.optimizer.params = None
-        for k, unit in enumerate(self.units):
-            rows = self.clock.timed("comm", self.comm.all_gather, shard[self.layout.chunk(k)],
-                                    event="all_gather")
-            self.model.params[unit.part] = rows.reshape(-1)[:unit.size]
-        del self.live["θ shard"]
         if self.stage == 1:
             del self.live["∇ shard"]
             self.grads = None
+        for k, unit in enumerate(self.units):
+            self.live[("θ", k)] = self.clock.timed(
+                "comm", self.comm.all_gather, shard[self.layout.chunk(k)], event="all_gather")
+            self.moment()
+            self.model.params[unit.part] = self.live.pop(("θ", k)).reshape(-1)[:unit.size]
+        del self.live["θ shard"], shard
 
     def full_params(self):
         """θ, whole."""
@@ -214,8 +181,9 @@ class Zero(UnitHooks):
         self.clock.ledger.saw(memory.activation_bytes(self.parts), transient)
 
     def _in_flight(self):
-        """Bytes the results of async ops in flight take, besides `live` (none here)."""
-        return 0
+        """Bytes the results of async ops in flight take, besides `live`: a reduce-scatter's,
+        my chunk of c_k elements (taken from its launch, as a preallocated output would be)."""
+        return sum(self.layout.c[k] for k in self.pending) * self.layout.dtype.itemsize
 
     # ---- the hooks: units is last layer first, so forward runs k = K−1 … 0, backward 0 … K−1
     def before_forward(self, i):
@@ -228,7 +196,8 @@ class Zero(UnitHooks):
         self._starts(k)
         if k is not None and self.stage >= 2:  # the unit's ∇ goes to a temporary buffer
             self.live[("∇", k)] = self.layout.zeros(k)
-            self._bind(k, 1, self.live[("∇", k)])
+            bind(self.model, self.units[k], 1, self.live[("∇", k)])
+            self.moment()  # the unit's fullest: its activations only go from here on
 
     def after_backward(self, i):
         drop_activations([self.model.layers[i]])
@@ -238,9 +207,9 @@ class Zero(UnitHooks):
         if self.stage == 1:
             self._reduce(k, self._weighted_copy(k))
             return
-        padded = self.live.pop(("∇", k))
-        padded *= self.weight  # the padding stays 0
-        self._reduce(k, padded)
+        self.live[("sent", k)] = self.live.pop(("∇", k))
+        self.live[("sent", k)] *= self.weight  # the padding stays 0
+        self._reduce(k, ("sent", k))
         if self._bar is None:  # it blocked and ended k's bar: what follows is of no unit
             self._bar = -1
         self._free(k, 1)
@@ -289,52 +258,41 @@ class Zero(UnitHooks):
         return result
 
     def _weighted_copy(self, k):
-        """Stage 1: unit k's gradient times the weight, padded to N·c."""
-        unit, padded = self.units[k], self.layout.zeros(k)
-        np.multiply(self.model.grads[unit.part], self.weight, out=padded[:unit.size])
-        return padded
-
-    def _reduce(self, k, padded):
-        """Reduce-scatter unit k's padded, weighted gradient (rows split by rank): my chunk of
-        the sum goes to the ∇ shard, now or (overlap) when the step waits for it."""
-        rows, self.live[("sent", k)] = padded.reshape(self.layout.n, -1), padded
+        """Stage 1: unit k's gradient times the weight, padded to N·c, held as ("sent", k)."""
+        unit, key = self.units[k], ("sent", k)
+        self.live[key] = self.layout.zeros(k)
+        np.multiply(self.model.grads[unit.part], self.weight, out=self.live[key][:unit.size])
         self.moment()
-        if self.overlap:  # `padded` stays in live until the step has waited
+        return key
+
+    def _reduce(self, k, key):
+        """Reduce-scatter unit k's padded, weighted gradient live[key] (rows split by rank): my
+        chunk of the sum goes to the ∇ shard, and the padded copy goes, now or (overlap) when
+        the step waits for it."""
+        rows = self.live[key].reshape(self.layout.n, -1)
+        if self.overlap:
             self.pending[k] = self.comm.reduce_scatter(rows, async_op=True)
             return
         chunk = self._communicate("reduce_scatter", self.comm.reduce_scatter, rows)
-        del self.live[("sent", k)]
+        del rows, self.live[key]
         self._store(k, chunk)
 
     def _wait_reduced(self):
-        for k, work in list(self.pending.items()):
-            self._store(k, self.clock.wait(work))
-            del self.pending[k], self.live[("sent", k)]
+        for k in list(self.pending):  # in the order launched
+            chunk = self.clock.wait(self.pending.pop(k))
+            del self.live[("sent", k)]
+            self._store(k, chunk)
+            del chunk  # not held into the next wait
 
     def _store(self, k, chunk):
-        if self.grads is None:  # stage 1: the ∇ shard lives from the first chunk to the step
+        """My chunk of unit k's summed ∇ into the ∇ shard (stage 1: made by the first chunk,
+        beside the copies still in flight with overlap, and let go after the step)."""
+        if self.grads is None:
             self.grads = self.live["∇ shard"] = self.layout.zeros()
+            self.moment()
         self.grads[self.layout.chunk(k)] = chunk.reshape(-1)
-
-    def _bind(self, k, side, flat):
-        """Point unit k's layers' params (side 0) or grads (side 1) into `flat`, the unit's
-        buffer (padded: its first unit.size elements)."""
-        start = self.units[k].part.start
-        for i in range(self.units[k].first, self.units[k].last + 1):
-            part = self.model.layer_slices[i]
-            if part.stop > part.start:
-                views = [None, None]
-                views[side] = flat[part.start - start:part.stop - start]
-                self.model.bind_layer(i, *views)
 
     def _free(self, k, side):
         """Let unit k's gathered θ (side 0) or gradient buffer (side 1) go."""
-        self._bind(k, side, freed(self.units[k].size, self.model.dtype))
+        bind(self.model, self.units[k], side, freed(self.units[k].size, self.model.dtype))
         self.live.pop((("θ", "∇")[side], k), None)
-
-    def _release_all(self, side):
-        """Re-point every layer's params (side 0) or grads (side 1) at `freed` and drop the
-        model's own flat buffer, so nothing holds it any more."""
-        for k in range(len(self.units)):
-            self._free(k, side)
-        self.model.release(("params", "grads")[side])
