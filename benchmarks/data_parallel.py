@@ -39,7 +39,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -418,15 +417,11 @@ def main(argv=None):
         steps = config["quick_steps" if args.quick else "steps"]
         results.append(measure(name, config, make_data(config), steps, args.warmup, repeats,
                                (args.quiet_wait, args.busy, args.retries), peers, inject))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run it from anywhere
+    from run_info import run_info
+
     report = {
-        "command": "python benchmarks/data_parallel.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__ if torch else None, "numpy": np.__version__},
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "seconds": time.perf_counter() - started,
+        **run_info("data_parallel.py", argv, load_before, started, torch),
         "dtype": "float64 for every peer (torch.set_default_dtype(torch.float64))",
         "crash_policy": f"a crashed run is retried once ({CRASH_TRIES} tries); a peer with no "
                         "completed run is reported crashed, with null figures",

@@ -40,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import pstats
 import sys
 import time
@@ -422,15 +421,10 @@ def main(argv=None):
              for c in configs for dtype in args.dtypes]
     measure(cases, args.threads, repeats, args.warmup, (args.quiet_wait, args.busy, args.retries))
     top, profiled_ms = ([], None) if args.no_profile else profile(configs[0], args.dtypes[0])
+    from run_info import run_info  # benchmarks/ is on sys.path
+
     report = {
-        "command": "python benchmarks/transformer.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__ if torch else None, "numpy": np.__version__},
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "seconds": time.perf_counter() - started, "repeats": repeats,
+        **run_info("transformer.py", argv, load_before, started, torch), "repeats": repeats,
         "warmup_steps_dropped": args.warmup, "lr": LR, "quiet_wait_s": args.quiet_wait,
         "busy_cores_repeated": args.busy, "retries": args.retries,
         "minidist_code": code, "minidist_code_changed_during_run": code != code_hashes(),

@@ -44,7 +44,6 @@ Writes benchmarks/results/zero.json and zero.png and prints a table.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -235,17 +234,12 @@ def main(argv=None):
     runs = measure(args.peers, config, make_data(config), repeats,
                    (args.quiet_wait, args.busy, args.retries))
     rows, memory_rows, speed, overlap = summarize(runs, config)
+    from run_info import run_info  # benchmarks/ is on sys.path
+
     from minidist import nn
 
     report = {
-        "command": "python benchmarks/zero.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__ if torch else None, "numpy": np.__version__},
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "seconds": time.perf_counter() - started, "workers": WORKERS,
+        **run_info("zero.py", argv, load_before, started, torch), "workers": WORKERS,
         "sizes": config["sizes"], "params": nn.mlp(config["sizes"]).num_params,
         "dtype": "float64", "batch": config["batch"], "steps": config["steps"],
         "warmup_steps_dropped": config["warmup"], "repeats": repeats, "lr": config["lr"],

@@ -5,7 +5,7 @@ ZeRO stage keeps of them, and the peak a rank reaches with the transient buffers
     zero_model_state_bytes   the paper's shards per stage, Ψ/N as a real number
     zero_state_bytes         the persistent bytes minidist's ZeRO holds, exactly (padded units)
     zero_moments             activations + transient bytes at each moment the ledger looks at
-    zero_peak_bytes          persistent + the fullest moment: History.memory[r]["peak"], exactly
+    zero_peak_bytes          persistent + the fullest moment: `History.memory[r]["peak"]`, exactly
 
 minidist.memory (the ledger that measures what a rank holds) re-exports all of them.
 """
@@ -266,7 +266,7 @@ def _moment_activations(activations, n_units):
 
 def zero_peak_bytes(unit_sizes, stage, world_size, itemsize=8, optimizer="sgd", activations=0,
                     overlap=False):
-    """The peak bytes one rank of minidist's ZeRO-`stage` reaches (History.memory[r]["peak"]):
+    """The peak bytes one rank of minidist's ZeRO-`stage` reaches (`History.memory[r]["peak"]`):
 
         Σ zero_state_bytes(unit_sizes, stage, world_size, itemsize, optimizer)
         + max over the step's moments of (activations + transient)   (zero_moments)

@@ -1,0 +1,28 @@
+"""What every benchmark's results file begins with: the command, when, the machine, the load.
+
+    report = {**run_info("zero.py", argv, load_before, started, torch), ...the figures...}
+
+`load_before` is os.getloadavg() and `started` time.perf_counter(), both taken before the
+measurements: the load averages before and after show how busy the shared machine was.
+"""
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def run_info(script, argv, load_before, started, torch=None):
+    """{command, when, machine, load_average_before, load_average_after, seconds}."""
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__ if torch else None, "numpy": np.__version__},
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "seconds": time.perf_counter() - started,
+    }
