@@ -378,6 +378,9 @@ def measure(name, config, split, steps, warmup, repeats, quiet, peers=PEERS, inj
 
 # ---- report -----------------------------------------------------------------------------------
 def main(argv=None):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_info, run from anywhere
+    from run_info import add_quiet_options, run_info
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one repeat")
     parser.add_argument("--repeats", type=int, help="runs per peer (default 3, quick 1)")
@@ -388,13 +391,7 @@ def main(argv=None):
                         help="which peers to run (ddp needs torch)")
     parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
                         help="where data_parallel.json and .png go (default benchmarks/results)")
-    parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS",
-                        help="before each run, wait up to this long for the other processes "
-                             "on the machine to keep fewer than --busy cores busy; 0: no wait")
-    parser.add_argument("--busy", type=float, default=0.25, metavar="CORES",
-                        help="a run during which other processes kept this many cores busy "
-                             "(on average) is repeated")
-    parser.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run")
+    add_quiet_options(parser, wait=60.0, busy=0.25, retries=2)
     parser.add_argument("--inject-abort", action="append", metavar="KIND:WORKERS[:TIMES]",
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -417,8 +414,6 @@ def main(argv=None):
         steps = config["quick_steps" if args.quick else "steps"]
         results.append(measure(name, config, make_data(config), steps, args.warmup, repeats,
                                (args.quiet_wait, args.busy, args.retries), peers, inject))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run it from anywhere
-    from run_info import run_info
 
     report = {
         **run_info("data_parallel.py", argv, load_before, started, torch),

@@ -26,3 +26,15 @@ def run_info(script, argv, load_before, started, torch=None):
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "seconds": time.perf_counter() - started,
     }
+
+
+def add_quiet_options(parser, wait, busy, retries):
+    """--quiet-wait, --busy, --retries: how a benchmark waits for, and repeats around, other
+    processes on a shared machine (the defaults are each benchmark's own)."""
+    parser.add_argument("--quiet-wait", type=float, default=wait, metavar="SECONDS",
+                        help="before each run, wait up to this long for the other processes "
+                             "to keep fewer than --busy cores busy; 0: no wait")
+    parser.add_argument("--busy", type=float, default=busy, metavar="CORES",
+                        help="a run during which other processes kept this many cores busy "
+                             "is repeated (--retries times at most; the quietest is kept)")
+    parser.add_argument("--retries", type=int, default=retries, help="repeats of a disturbed run")

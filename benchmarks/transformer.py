@@ -381,6 +381,9 @@ def profile(config, dtype, steps=20):
 
 # ---- report -----------------------------------------------------------------------------------
 def main(argv=None):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_info, run from anywhere
+    from run_info import add_quiet_options, run_info
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one tiny model, one repeat")
     parser.add_argument("--repeats", type=int, help="runs per peer (default 3, quick 1)")
@@ -392,13 +395,7 @@ def main(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--configs", nargs="+", choices=[c["name"] for c in [LESSON] + SWEEP],
                         help="a subset of the configurations (default: all; --quick: a tiny one)")
-    parser.add_argument("--quiet-wait", type=float, default=5.0, metavar="SECONDS",
-                        help="before each run, wait up to this long for the other processes "
-                             "to keep fewer than --busy cores busy; 0: no wait")
-    parser.add_argument("--busy", type=float, default=0.5, metavar="CORES",
-                        help="a run during which other processes kept this many cores busy "
-                             "is repeated (--retries times at most; the quietest is kept)")
-    parser.add_argument("--retries", type=int, default=1)
+    add_quiet_options(parser, wait=5.0, busy=0.5, retries=1)
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile")
     parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
                         help="where transformer.json and .png go (default benchmarks/results)")
@@ -421,8 +418,6 @@ def main(argv=None):
              for c in configs for dtype in args.dtypes]
     measure(cases, args.threads, repeats, args.warmup, (args.quiet_wait, args.busy, args.retries))
     top, profiled_ms = ([], None) if args.no_profile else profile(configs[0], args.dtypes[0])
-    from run_info import run_info  # benchmarks/ is on sys.path
-
     report = {
         **run_info("transformer.py", argv, load_before, started, torch), "repeats": repeats,
         "warmup_steps_dropped": args.warmup, "lr": LR, "quiet_wait_s": args.quiet_wait,

@@ -201,17 +201,14 @@ def summarize(runs, config):
 
 # ---- report -----------------------------------------------------------------------------------
 def main(argv=None):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_info, run from anywhere
+    from run_info import add_quiet_options, run_info
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny MLP, 3 steps, one repeat")
     parser.add_argument("--repeats", type=int, help="runs per peer (default 3, quick 1)")
     parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
-    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
-                        help="before each run, wait up to this long for the other processes "
-                             "to keep fewer than --busy cores busy (default 0: no wait)")
-    parser.add_argument("--busy", type=float, default=0.5, metavar="CORES",
-                        help="a run during which other processes kept this many cores busy "
-                             "is repeated (--retries times at most; the quietest is kept)")
-    parser.add_argument("--retries", type=int, default=0)
+    add_quiet_options(parser, wait=0.0, busy=0.5, retries=0)
     parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
                         help="where zero.json and zero.png go (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -234,8 +231,6 @@ def main(argv=None):
     runs = measure(args.peers, config, make_data(config), repeats,
                    (args.quiet_wait, args.busy, args.retries))
     rows, memory_rows, speed, overlap = summarize(runs, config)
-    from run_info import run_info  # benchmarks/ is on sys.path
-
     from minidist import nn
 
     report = {
