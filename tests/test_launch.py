@@ -131,3 +131,26 @@ def test_results_come_back_in_rank_order_with_any_picklable_value(leaves_nothing
     out = run(result, 4, backend="process")
     assert [r["rank"] for r in out] == [0, 1, 2, 3]
     np.testing.assert_array_equal(out[3]["array"], [0, 1, 2, 3])
+
+
+def test_a_failed_process_run_leaves_no_view_of_unmapped_memory_in_its_traceback(
+        leaves_nothing_behind):
+    """The launcher unmaps its control segment while the error propagates: every local of every
+    frame of the traceback can still be printed, and the rank-status reader the supervisor kept
+    fails cleanly (a numpy view of the unmapped segment would crash the interpreter instead)."""
+    def fails(comm):
+        raise ValueError("rank failure")
+
+    with pytest.raises(WorkerError) as caught:
+        run(fails, 2, backend="process")
+    tb, readers = caught.value.__traceback__, []
+    while tb is not None:
+        local = dict(tb.tb_frame.f_locals)
+        for value in local.values():
+            repr(value)
+        if tb.tb_frame.f_code.co_name == "_supervise":
+            readers.append(local["status"])
+        tb = tb.tb_next
+    assert len(readers) == 1
+    with pytest.raises(ValueError, match="released"):
+        readers[0]()

@@ -25,7 +25,6 @@ import uuid
 from multiprocessing.connection import wait
 
 import cloudpickle
-import numpy as np
 
 from minidist.comm import shm
 from minidist.comm.process import ProcessCommunicator
@@ -122,7 +121,7 @@ def _run_processes(fn, world_size, args, kwargs, timeout, debug, start_method, t
     control = None
     try:
         control = attach(f"{prefix}_ctl", create=True, size=layout.total)
-        status = np.ndarray((world_size, shm.STATUS_BYTES), np.uint8, control.buf, layout.status)
+        status = functools.partial(_read_status, control, layout.status, world_size)
         for proc in procs:
             proc.start()
         for _, child_end in pipes:
@@ -132,21 +131,30 @@ def _run_processes(fn, world_size, args, kwargs, timeout, debug, start_method, t
         _stop(procs)
         for reader, _ in pipes:
             reader.close()
-        status = None
         if control is not None:
             control.close()
         for path in glob.glob(f"/dev/shm/{prefix}_*"):  # the control segment and rank buffers
             os.unlink(path)
 
 
+def _read_status(control, offset, world_size):
+    """Every rank's status line, copied out of the control segment: no view of the mapping
+    outlives the call (a traceback that kept one would read unmapped memory after cleanup)."""
+    size = shm.STATUS_BYTES
+    raw = bytes(control.buf[offset:offset + world_size * size])
+    return [raw[r * size:(r + 1) * size].rstrip(b"\0").decode(errors="replace") or "starting"
+            for r in range(world_size)]
+
+
 def _supervise(procs, conns, status, timeout):
+    """Each rank's result, in rank order; `status()` reads what every rank is doing."""
     world_size = len(procs)
     results, waiting = {}, set(range(world_size))
     deadline = time.monotonic() + timeout
 
     def doing(ranks):
-        return {r: bytes(status[r]).rstrip(b"\0").decode(errors="replace") or "starting"
-                for r in ranks}
+        lines = status()
+        return {r: lines[r] for r in ranks}
 
     while waiting:
         handles = {conns[r]: r for r in waiting} | {procs[r].sentinel: r for r in waiting}
