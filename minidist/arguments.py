@@ -19,8 +19,9 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
     """A TypeError or ValueError naming train()'s first bad argument (and what it may be),
     before anything runs; returns X and y as arrays, the optimizer options as a dict and the
     precision's name. strategies: train's {name: (worker, defaults, check)}; job_checks:
-    {name: check}. Last, OutOfMemory if the plan shows that every rank's persistent state
-    would pass max_memory_per_rank (`planned_state`)."""
+    {name: check(model_fn, workers, batch_size, options, X.shape)}. Last, OutOfMemory if the
+    plan shows that every rank's persistent state would pass max_memory_per_rank
+    (`planned_state`)."""
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable (it builds the model), got {model_fn!r}")
     if not isinstance(strategy, str) or strategy not in strategies:
@@ -68,7 +69,7 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
     if batch_size > len(X):
         raise ValueError(f"batch_size={batch_size} exceeds the {len(X)} training rows")
     if strategy in job_checks:
-        job_checks[strategy](model_fn, workers, batch_size, strategy_options)
+        job_checks[strategy](model_fn, workers, batch_size, strategy_options, X.shape)
     held = planned_state(model, strategy, workers, optimizer, precision,
                          {**defaults, **strategy_options})
     if max_memory_per_rank is not None and held is not None:

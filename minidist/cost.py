@@ -4,7 +4,8 @@ Three questions, three tools:
 
 - How many bytes does each rank send and receive?  `bytes_per_rank` / `messages_per_rank`
   answer *exactly* (the numbers `comm.stats` records), from the algorithms' message patterns;
-  `zero_bytes_per_rank` adds them up for one training step of ZeRO-0/1/2/3.
+  `zero_bytes_per_rank` adds them up for one training step of ZeRO-0/1/2/3, and
+  `megatron_bytes_per_rank` (minidist.megatron_cost) for a tensor-parallel GPT's.
 - How long should it take?  `time` evaluates the α-β-γ model: α seconds per message, β seconds
   per byte sent, γ seconds per byte reduced (Thakur, Rabenseifner & Gropp, "Optimization of
   collective communication operations in MPICH", IJHPCA 19(1), 2005).
@@ -339,5 +340,7 @@ def measure_collective(collective, algorithm, nbytes, world_size, backend="proce
     return statistics.median(np.max(per_rank, axis=0))
 
 
-# The planner (memory and step time of every dp × tp × pp layout) lives in its own module.
+# A Megatron-split GPT's bytes per rank and step (minidist.megatron_cost) and the planner
+# (memory and step time of every dp × tp × pp layout) live in their own modules.
+from minidist.megatron_cost import megatron_bytes_per_rank  # noqa: E402, F401
 from minidist.planner import Layout, Plan, estimate, plan  # noqa: E402, F401

@@ -4,7 +4,8 @@ Every figure is counted from the arrays the rank really holds (`nbytes`), never 
 the tests and lessons 10 and 11 compare them with the formulas (ZeRO's 2Ψ + 2Ψ + 12Ψ and its
 stages' shards, `zero_model_state_bytes` on paper, `zero_state_bytes` as minidist pads them and
 `zero_peak_bytes` with its transient buffers, all from minidist.zero_memory and re-exported
-here; Korthikanti et al.'s activations per layer, below).
+here; Korthikanti et al.'s activations per layer, below; a Megatron-split GPT's parameters and
+activations per rank from minidist.megatron_memory, re-exported too).
 
     params, grads, optimizer   the persistent state: the flat buffers and the optimizer's arrays
     activations                the most a step held at once for backward: what the layers keep
@@ -18,6 +19,12 @@ here; Korthikanti et al.'s activations per layer, below).
 import numpy as np
 
 from minidist.errors import OutOfMemory
+from minidist.megatron_memory import (  # noqa: F401  (re-exported, as zero_memory's are)
+    INT64_PARTS,  # the parts of gpt_activation_elements kept as int64, too
+    megatron_activation_bytes,
+    megatron_activation_elements,
+    megatron_param_elements,
+)
 from minidist.nn.layers import walk
 from minidist.zero_memory import (  # noqa: F401  (re-exported: memory.zero_state_bytes, ...)
     MODEL_STATES,
@@ -179,7 +186,6 @@ def mlp_activation_bytes(batch, sizes, activation="relu", itemsize=8, label_item
     return n * values * itemsize + n * label_itemsize
 
 
-INT64_PARTS = ("tokens", "labels")  # the parts of gpt_activation_elements kept as int64
 
 
 def gpt_activation_elements(N, T, model):

@@ -36,7 +36,6 @@ TOUR = [("single", "single", {}), ("distributed_gd", "distributed_gd", {}),
         ("pipeline gpipe", "pipeline", {"schedule": "gpipe"}),
         ("pipeline 1f1b", "pipeline", {"schedule": "1f1b"}),
         ("hybrid", "hybrid", {})]
-NOT_FOR_GPT = {"tensor_parallel", "hybrid"}  # they split every Linear; attention: not yet
 PROCESS_ONLY = {"parameter_server"}  # servers and workers are always OS processes
 SYNCHRONOUS = {"single", "distributed_gd", "data_parallel", "tensor_parallel", "pipeline",
                "hybrid"}  # and the parameter server under BSP: they must match single
@@ -47,17 +46,20 @@ TOLERANCE = 1e-8
 
 def layout(strategy, workers, model="mlp"):
     """(workers used, extra options) for `strategy` on at most `workers` ranks of the model."""
-    widths = MODEL[1:-1]
+    # t must divide every hidden width (the gpt: its heads, d_ff = 4·d_model and, for sequence
+    # parallelism, the context)
+    widths = (GPT["n_heads"], 4 * GPT["d_model"], GPT["context"]) if model == "gpt" else MODEL[1:-1]
+    split = {"sequence_parallel": True} if model == "gpt" else {}
     if strategy == "single":
         return 1, {}
-    if strategy == "tensor_parallel":  # t must divide every hidden width
-        return max(t for t in range(1, workers + 1) if all(w % t == 0 for w in widths)), {}
+    if strategy == "tensor_parallel":
+        return max(t for t in range(1, workers + 1) if all(w % t == 0 for w in widths)), split
     if strategy == "pipeline":  # at most one stage per layer (a whole block for the gpt)
         layers = GPT["n_layers"] + 3 if model == "gpt" else len(MODEL) - 1
         return min(workers, layers), {"micro_batches": 4}
     if strategy == "hybrid":  # data parallel over tensor-parallel pairs
         tp = 2 if workers >= 4 and workers % 2 == 0 else 1
-        return workers, {"dp": workers // tp, "tp": tp}
+        return workers, {"dp": workers // tp, "tp": tp, **(split if tp > 1 else {})}
     return workers, {}
 
 
@@ -149,16 +151,13 @@ def tour(workers=4, backend="process", steps=None, seed=0, outdir="minidist-tour
             f"with momentum; {workers} workers on the {backend} backend\nval loss: the "
             f"cross-entropy in nats per character on the last 10% of the text ({len(X_test)} "
             f"windows; a uniform guess scores ln {vocab} = {np.log(vocab):.2f}); val acc: the "
-            "next-character accuracy there")
-        say(f"skipped {', '.join(sorted(NOT_FOR_GPT))}: tensor parallelism over attention "
-            "heads is not built yet (train raises for models with transformer blocks)\n")
+            "next-character accuracy there; tensor parallelism splits the heads, the MLP and the "
+            "vocabulary, with sequence parallelism\n")
     else:
         say(f"the tour: the digits MLP {MODEL}, {steps} steps of {settings['batch_size']} "
             f"samples, SGD with momentum; {workers} workers on the {backend} backend\n")
     histories, rows, kept = {}, [], []
     for label, strategy, options in TOUR:
-        if model == "gpt" and strategy in NOT_FOR_GPT:
-            continue
         every_rank = job is not None and strategy not in PROCESS_ONLY and strategy != "single"
         fits = layout(strategy, workers, model)[0]
         if every_rank and fits != workers:

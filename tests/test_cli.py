@@ -55,7 +55,7 @@ def test_gpt_tour_runs_every_strategy_that_fits_a_transformer(tmp_path, capsys, 
         {label: len(h.loss) for label, h in histories.items()}) or [])
     rows = cli.tour(workers=2, backend="thread", steps=12, outdir=str(tmp_path), model="gpt")
     out = capsys.readouterr().out
-    expected = [(label, s, o) for label, s, o in cli.TOUR if s not in tour.NOT_FOR_GPT]
+    expected = cli.TOUR
     assert [r["strategy"] for r in rows] == [label for label, _, _ in expected]
     uniform = np.log(model_fn.args[0])  # the loss of a uniform guess over the vocabulary
     for (_, strategy, options), row in zip(expected, rows, strict=True):
@@ -72,7 +72,7 @@ def test_gpt_tour_runs_every_strategy_that_fits_a_transformer(tmp_path, capsys, 
     assert rows[0]["val acc"] == pytest.approx(np.mean(logits.argmax(axis=-1) == y_val))
     assert "val loss" in out and "nats per character" in out and "12 steps of 16" in out
     assert f"(64 windows; a uniform guess scores ln {model_fn.args[0]} = {uniform:.2f})" in out
-    assert "skipped hybrid, tensor_parallel: tensor parallelism over attention heads" in out
+    assert "tensor parallelism splits the heads, the MLP and the vocabulary" in out
     assert drawn == [{row["strategy"]: 12 for row in rows}]
 
 
@@ -120,9 +120,8 @@ def test_model_option_is_parsed_and_checked(capsys, monkeypatch):
     assert "--model {mlp,gpt}" in capsys.readouterr().out
 
 
-def test_the_gpt_tour_skips_the_strategies_that_refuse_a_transformer():
-    model_fn, X, Y, _, _, settings = tour.problem("gpt")
-    with pytest.raises(ValueError, match="transformer block"):  # before any step runs
-        train(model_fn, X, Y, strategy="tensor_parallel", workers=2, backend="thread", steps=1,
-              **settings)
-    assert tour.NOT_FOR_GPT == {"tensor_parallel", "hybrid"}
+def test_the_gpt_tour_splits_heads_and_sequence_over_ranks_that_divide_them():
+    assert cli.layout("tensor_parallel", 4, "gpt") == (4, {"sequence_parallel": True})
+    assert cli.layout("tensor_parallel", 3, "gpt") == (2, {"sequence_parallel": True})
+    assert cli.layout("hybrid", 4, "gpt") == (4, {"dp": 2, "tp": 2, "sequence_parallel": True})
+    assert cli.layout("tensor_parallel", 3, "mlp")[1] == {}

@@ -1,5 +1,6 @@
 """Every synchronous strategy trains the GPT exactly as one process does (float64, 1e-10):
-the blocks are layers, so pipelines cut between them; tensor parallelism refuses them."""
+the blocks are layers, so pipelines cut between them; tensor parallelism splits their heads
+(tests/test_megatron.py has its formulas)."""
 
 import functools
 
@@ -76,15 +77,16 @@ def test_balanced_cuts_keep_whole_blocks_and_put_the_ends_on_the_end_stages():
         (0, 3), (3, 5), (5, 9)]
 
 
+@pytest.mark.usefixtures("leaves_nothing_behind")
 @pytest.mark.parametrize("strategy, options", [
     ("tensor_parallel", {"workers": 2}),
-    ("hybrid", {"workers": 2, "tp": 2}),
-    ("hybrid", {"workers": 4, "tp": 2, "pp": 2}),
+    ("tensor_parallel", {"workers": 2, "sequence_parallel": True}),
+    ("hybrid", {"workers": 4, "dp": 2, "tp": 2}),
+    ("hybrid", {"workers": 4, "tp": 2, "pp": 2, "micro_batches": 2, "sequence_parallel": True}),
 ])
-def test_tensor_parallelism_refuses_the_blocks_before_any_rank_starts(reference, strategy,
-                                                                      options):
-    X, Y, _ = reference
-    with pytest.raises(ValueError, match=r"layer \d Block\(d_model=16, heads=2, d_ff=64\) is a "
-                       "transformer block: tensor parallelism over attention heads is not "
-                       "built yet"):
-        train(GPT, X, Y, strategy=strategy, backend="thread", **options, **KWARGS)
+def test_tensor_parallelism_splits_the_blocks_heads_and_reproduces_single(reference, strategy,
+                                                                          options):
+    X, Y, single = reference
+    hist = train(GPT, X, Y, strategy=strategy, backend="thread", **options, **KWARGS)
+    assert_same_training(hist, single)
+    assert "ParallelBlock(d_model=16, heads 1 of 2, d_ff 32 of 64)" in hist.details[0]["shard"]

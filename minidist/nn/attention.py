@@ -33,14 +33,16 @@ class CausalSelfAttention(Layer):
     W_qkv (3, H, d, d_h) with [0] = Q, [1] = K, [2] = V; b_qkv (3, H, d_h); W_o (H, d_h, d);
     b_o (d,). Kept for backward: the input X, Q, K, V, the softmax P and O (the input of W_o).
     out_std: the std of W_o's initial values (GPT-2 scales the residual projections down).
+    d_head: each head's width, d_model / n_heads by default (tensor parallelism runs n_heads/t
+    of a model's heads on each rank, each still d_model / n_heads wide).
     """
 
-    def __init__(self, d_model, n_heads, out_std=INIT_STD):
-        if d_model < 1 or n_heads < 1 or d_model % n_heads:
+    def __init__(self, d_model, n_heads, out_std=INIT_STD, d_head=None):
+        if d_model < 1 or n_heads < 1 or (d_head is None and d_model % n_heads):
             raise ValueError(f"CausalSelfAttention needs d_model divisible by n_heads (both "
                              f">= 1), got d_model={d_model}, n_heads={n_heads}")
         self.d_model, self.n_heads = int(d_model), int(n_heads)
-        self.d_head = self.d_model // self.n_heads
+        self.d_head = self.d_model // self.n_heads if d_head is None else int(d_head)
         self.out_std = out_std
 
     def __repr__(self):
@@ -62,6 +64,13 @@ class CausalSelfAttention(Layer):
         return W_qkv.transpose(2, 0, 1, 3).reshape(self.d_model, -1)
 
     def forward(self, X):
+        heads = self.heads(X)
+        N, T, d = X.shape
+        Y = heads @ self.params["W_o"].reshape(-1, d) + self.params["b_o"]
+        return Y.reshape(N, T, d)
+
+    def heads(self, X):
+        """O = [O_1 … O_H], shape (N·T, H·d_h), for X (N, T, d): everything up to W_o."""
         if X.ndim != 3 or X.shape[-1] != self.d_model:
             raise ValueError(f"{self} expects input of shape (N, T, {self.d_model}), got "
                              f"{X.shape}")
@@ -80,8 +89,7 @@ class CausalSelfAttention(Layer):
         self.P = scores
         heads = self.P @ self.V  # (N, H, T, d_h): O_h for every head
         self.O = np.ascontiguousarray(heads.transpose(0, 2, 1, 3)).reshape(N * T, H * dh)
-        Y = self.O @ self.params["W_o"].reshape(H * dh, d) + self.params["b_o"]
-        return Y.reshape(N, T, d)
+        return self.O
 
     def backward(self, dY):
         N, T, d = dY.shape
@@ -90,7 +98,14 @@ class CausalSelfAttention(Layer):
         W_o = self.params["W_o"].reshape(H * dh, d)
         self.grads["W_o"][...] = (self.O.T @ dY).reshape(H, dh, d)
         self.grads["b_o"][...] = dY.sum(axis=0)
-        dO = (dY @ W_o.T).reshape(N, T, H, dh).transpose(0, 2, 1, 3)  # (N, H, T, d_h)
+        return self.heads_backward(dY @ W_o.T, self.X)
+
+    def heads_backward(self, dO, X):
+        """Given ∂O (N·T, H·d_h) and the input X (N, T, d) that `heads` saw: writes ∂W_qkv,
+        ∂b_qkv and returns ∂X (N, T, d)."""
+        N, T, d = X.shape
+        H, dh = self.n_heads, self.d_head
+        dO = dO.reshape(N, T, H, dh).transpose(0, 2, 1, 3)  # (N, H, T, d_h)
         dV = self.P.swapaxes(-1, -2) @ dO
         dP = dO @ self.V.swapaxes(-1, -2)
         dS = self.P * (dP - (dP * self.P).sum(axis=-1, keepdims=True)) / math.sqrt(dh)
@@ -98,7 +113,7 @@ class CausalSelfAttention(Layer):
         dK = dS.swapaxes(-1, -2) @ self.Q
         # (3, N, H, T, d_h) → (N·T, 3·H·d_h): the rows and columns of the one QKV matmul
         dqkv = np.stack([dQ, dK, dV]).transpose(1, 3, 0, 2, 4).reshape(N * T, 3 * H * dh)
-        X = self.X.reshape(N * T, d)
+        X = X.reshape(N * T, d)
         self.grads["W_qkv"][...] = (X.T @ dqkv).reshape(d, 3, H, dh).transpose(1, 2, 0, 3)
         self.grads["b_qkv"][...] = dqkv.sum(axis=0).reshape(3, H, dh)
         dX = dqkv @ self._qkv_matrix(self.params["W_qkv"]).T

@@ -15,6 +15,8 @@ Memory (the rank's "memory"): params and grads of its ModelShard, plus run_batch
 (the sum of the micro-batch gradients, as long as the shard's) as grads; the optimizer over
 the shard; activations: the most bytes the stashed micro-batches held at once (pipeline.run_batch).
 `shard.index` (where each element lives in the full buffer) is bookkeeping, not in the ledger.
+Under schedule="interleaved_1f1b" the shard is a chunks.StageChunks (the rank's v chunks of
+layers, one buffer) and `details["layers"]` lists their v (start, stop).
 """
 
 from dataclasses import dataclass
@@ -24,10 +26,12 @@ import numpy as np
 from minidist import memory
 from minidist.data import check_integer, shard_bounds
 from minidist.parallel import pipeline, tensor_parallel
+from minidist.parallel.chunks import StageChunks
 from minidist.parallel.job import Clock, report
 from minidist.parallel.shard import ModelShard, gather_params
 
-OPTIONS = {"dp": 1, "tp": 1, "pp": 1, **pipeline.OPTIONS, "micro_batches": 1}
+OPTIONS = {"dp": 1, "tp": 1, "pp": 1, **pipeline.OPTIONS, **tensor_parallel.OPTIONS,
+           "micro_batches": 1}
 
 
 @dataclass(frozen=True)
@@ -81,15 +85,27 @@ def check_options(options):
     tensor_parallel.check_options(options)
 
 
-def check_job(model_fn, workers, batch_size, options, defaults=OPTIONS):
-    """Clear errors, before any rank starts, for shapes that cannot work."""
+def check_job(model_fn, workers, batch_size, options, data_shape, defaults=OPTIONS):
+    """Clear errors, before any rank starts, for shapes that cannot work (data_shape: the
+    training inputs' shape, (rows, T) for a GPT)."""
     options = {**OPTIONS, **defaults, **options}
     topology = Topology(options["dp"], options["tp"], options["pp"])
     if topology.world_size != workers:
         raise ValueError(f"{topology} = {topology.world_size} ranks, but workers={workers}")
     model = model_fn()
-    for start, stop in pipeline.stage_bounds(model, topology.pp, options["cuts"]):
+    chunks = options["chunks"]
+    if options["schedule"] == "interleaved_1f1b":
+        if chunks > 1 and topology.pp == 1:
+            raise ValueError(f"chunks={chunks} needs at least 2 pipeline stages, got 1")
+        pipeline.check_micro_batches(options["micro_batches"], topology.pp)
+        if topology.pp * chunks > len(model.layers):
+            raise ValueError(f"{topology.pp} pipeline stages × chunks={chunks} = "
+                             f"{topology.pp * chunks} chunks, more than the model's "
+                             f"{len(model.layers)} layers")
+    for start, stop in pipeline.stage_bounds(model, topology.pp * chunks, options["cuts"]):
         tensor_parallel.check_split(model.layers, topology.tp, start, stop)
+    if options["sequence_parallel"] and topology.tp > 1:
+        tensor_parallel.check_sequence_parallel(model.layers, topology.tp, data_shape[1])
     if batch_size < topology.dp * options["micro_batches"]:
         raise ValueError(f"batch_size={batch_size} cannot give dp={topology.dp} replicas "
                          f"{options['micro_batches']} micro-batches of at least one row each")
@@ -103,9 +119,12 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
     here = topology.coords(comm.rank)
     clock, losses, peaks = Clock(job.steps, job.max_memory_per_rank, comm.rank), [], []
     model = job.model_fn()
-    start, stop = pipeline.stage_bounds(model, topology.pp, options["cuts"])[here["pp"]]
-    shard = ModelShard(model, start, stop, groups["tp"] if topology.tp > 1 else None, clock,
-                       options["algorithm"])
+    bounds = pipeline.stage_bounds(model, topology.pp * options["chunks"], options["cuts"])
+    mine = bounds[here["pp"]::topology.pp]  # chunks s, s+p, …: one unless interleaved
+    tp_comm = groups["tp"] if topology.tp > 1 else None
+    split = (tp_comm, clock, options["algorithm"], options["sequence_parallel"])
+    shard = (StageChunks(model, mine, *split) if options["schedule"] == "interleaved_1f1b"
+             else ModelShard(model, *mine[0], *split))
     del model
     optimizer = job.make_optimizer(shard.params)
     total = np.zeros_like(shard.grads)  # run_batch sums the micro-batches' gradients here
@@ -121,6 +140,10 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
         loss, peak = pipeline.run_batch(
             shard, groups["pp"] if topology.pp > 1 else None, job.X, job.y, rows,
             (b - a) / len(batch), options["micro_batches"], options["schedule"], clock, total)
+        if shard.partial.size:  # sequence parallel: each LayerNorm's γ, β saw T/tp positions
+            shard.grads[shard.partial] = clock.timed(
+                "comm", groups["tp"].all_reduce, shard.grads[shard.partial], "sum",
+                options["algorithm"])
         if topology.dp > 1:
             clock.timed("comm", groups["dp"].all_reduce, shard.grads, "sum",
                         options["algorithm"])
@@ -132,7 +155,8 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
     _merge_stats(comm, groups.values())
     out = report(comm, shard.params, losses, clock)
     out["params"] = gather_params(comm, shard)
-    out["details"] = {**here, "layers": (start, stop), "shard": repr(shard),
+    out["details"] = {**here, "layers": mine[0] if len(mine) == 1 else mine,
+                      "shard": repr(shard),
                       "param_bytes": shard.params.nbytes,
                       "peak_activations": max(peaks),
                       "peak_activation_bytes": clock.ledger.activations}
@@ -158,10 +182,11 @@ def pipeline_worker(comm, job):
     return worker(comm, job, Topology(pp=comm.world_size), pipeline.OPTIONS)
 
 
-def check_tensor_parallel(model_fn, workers, batch_size, options):
-    check_job(model_fn, workers, batch_size, {**options, "tp": workers},
-              tensor_parallel.OPTIONS)
+def check_tensor_parallel(model_fn, workers, batch_size, options, data_shape):
+    check_job(model_fn, workers, batch_size, {**options, "tp": workers}, data_shape,
+              defaults=tensor_parallel.OPTIONS)
 
 
-def check_pipeline(model_fn, workers, batch_size, options):
-    check_job(model_fn, workers, batch_size, {**options, "pp": workers}, pipeline.OPTIONS)
+def check_pipeline(model_fn, workers, batch_size, options, data_shape):
+    check_job(model_fn, workers, batch_size, {**options, "pp": workers}, data_shape,
+              defaults=pipeline.OPTIONS)

@@ -9,10 +9,19 @@ Schedules (the order in which a stage runs forwards F_j and backwards B_j):
     GPipe   F_0 … F_{m−1}, then B_0 … B_{m−1}        keeps all m micro-batches' activations
     1F1B    w = min(p−s−1, m) warm-up forwards, then F, B alternating, then w backwards
             (PipeDream-Flush)                          keeps at most p−s
+    interleaved_1f1b   (Narayanan et al. 2021; Megatron-LM's
+            forward_backward_pipelining_with_interleaving) the layers cut into p·v chunks,
+            rank s holding chunks s, s+p, …, s+(v−1)p (its v virtual stages). Of a rank's
+            m·v virtual steps, forward step k runs local chunk (k // p) mod v, backward step k
+            chunk v−1−(k // p) mod v, both on micro-batch ⌊k/(p·v)⌋·p + k mod p; warm-up
+            w = min(2(p−s−1) + (v−1)p, m·v) forwards (all m·v when m = p), then F, B
+            alternating, then w backwards. Needs m divisible by p. Keeps at most min(w+1, m·v)
+            chunk-micro-batches, each 1/v of the stage.
 
-Both leave stages idle at the start and the end of a step, the bubble: with equal stages,
-bubble / total = (p−1)/(m+p−1) (Huang et al. 2019). Micro-batch j's gradient is weighted by
-|B_j|/|B| and summed, so one optimizer step per batch gives exactly the full batch's SGD.
+All three leave stages idle at the start and the end of a step, the bubble: with equal stages,
+bubble / total = (p−1)/(m+p−1) (Huang et al. 2019); interleaving makes each F and B 1/v as
+long, so it shrinks to (p−1)/(v·m+p−1). Micro-batch j's gradient is weighted by |B_j|/|B| and
+summed, so one optimizer step per batch gives exactly the full batch's SGD.
 """
 
 import numpy as np
@@ -21,50 +30,91 @@ from minidist import memory
 from minidist.data import check_integer, is_integer, shard_bounds
 from minidist.parallel.shard import activation_bytes
 
-SCHEDULES = ("gpipe", "1f1b")
-OPTIONS = {"micro_batches": 4, "schedule": "1f1b", "cuts": None, "algorithm": "auto"}
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+OPTIONS = {"micro_batches": 4, "schedule": "1f1b", "chunks": 1, "cuts": None,
+           "algorithm": "auto"}
 
 
-def schedule_ops(schedule, stage, stages, micro_batches):
-    """[("F", j) or ("B", j), …]: what stage `stage` of `stages` runs, in order."""
-    m = micro_batches
+def schedule_ops(schedule, stage, stages, micro_batches, chunks=1):
+    """What stage `stage` of `stages` runs, in order: ("F", j) or ("B", j) for "gpipe" and
+    "1f1b"; ("F", j, c) or ("B", j, c) for "interleaved_1f1b", c the LOCAL chunk 0 … v−1
+    (global chunk c·p + stage)."""
+    m, p, v = micro_batches, stages, chunks
+    check_chunks(schedule, v)
     if schedule == "gpipe":
         return [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
-    if schedule != "1f1b":
+    if schedule == "1f1b":
+        return _one_f_one_b([("F", j) for j in range(m)], [("B", j) for j in range(m)],
+                            min(p - stage - 1, m))
+    check_micro_batches(m, p)
+    steps = range(m * v)
+    micro = [k // (p * v) * p + k % p for k in steps]
+    forward = [("F", micro[k], k // p % v) for k in steps]
+    backward = [("B", micro[k], v - 1 - k // p % v) for k in steps]
+    warmup = m * v if m == p else min(2 * (p - stage - 1) + (v - 1) * p, m * v)
+    return _one_f_one_b(forward, backward, warmup)
+
+
+def _one_f_one_b(forward, backward, warmup):
+    """`warmup` forwards, then one forward and one backward in turn, then the rest backward."""
+    ops = forward[:warmup]
+    for f, b in zip(forward[warmup:], backward, strict=False):
+        ops += [f, b]
+    return ops + backward[len(forward) - warmup:]
+
+
+def _virtual_ops(schedule, stage, stages, micro_batches, chunks):
+    """schedule_ops as (op, j, local chunk) for every schedule (chunk 0 unless interleaved)."""
+    return [(*op, 0)[:3] for op in schedule_ops(schedule, stage, stages, micro_batches, chunks)]
+
+
+def check_chunks(schedule, chunks):
+    """schedule must be one of SCHEDULES; chunks an integer >= 1, above 1 only interleaved."""
+    if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    warmup = min(stages - stage - 1, m)
-    ops = [("F", j) for j in range(warmup)]
-    for j in range(m - warmup):
-        ops += [("F", warmup + j), ("B", j)]
-    return ops + [("B", j) for j in range(m - warmup, m)]
+    check_integer("chunks", chunks)
+    if chunks > 1 and schedule != "interleaved_1f1b":
+        raise ValueError(f"chunks={chunks} needs schedule='interleaved_1f1b': schedule="
+                         f"{schedule!r} runs one chunk per stage (chunks=1)")
 
 
-def bubble_formula(stages, micro_batches):
-    """GPipe's idle share of a step with equal stages: (p−1)/(m+p−1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
+def check_micro_batches(micro_batches, stages):
+    """The interleaved schedule (as Megatron-LM) needs m to be a multiple of p."""
+    if micro_batches % stages:
+        raise ValueError(f"schedule='interleaved_1f1b' needs micro_batches divisible by the "
+                         f"{stages} pipeline stages, got micro_batches={micro_batches}")
 
 
-def simulate(schedule, stages, micro_batches, forward=1.0, backward=2.0, send=0.0):
-    """The ideal timeline: every F takes `forward` seconds, every B `backward`, a message
+def bubble_formula(stages, micro_batches, chunks=1):
+    """The idle share of a step with equal chunks: (p−1)/(v·m + p−1); GPipe's and 1F1B's
+    (p−1)/(m+p−1) for v = 1. Narayanan et al. (2021) state it as the bubble over the ideal
+    (busy) time, (1/v)·(p−1)/m."""
+    return (stages - 1) / (chunks * micro_batches + stages - 1)
+
+
+def simulate(schedule, stages, micro_batches, forward=1.0, backward=2.0, send=0.0, chunks=1):
+    """The ideal timeline: every chunk's F takes forward/v seconds, its B backward/v, a message
     `send`; each stage runs schedule_ops in order, as soon as its input has arrived. Returns
     events per stage in the format of minidist.trace (no measurement: the schedule's shape)."""
-    done, clock = {}, [0.0] * stages
-    ops = [schedule_ops(schedule, s, stages, micro_batches) for s in range(stages)]
-    events, position = [[] for _ in range(stages)], [0] * stages
-    while any(position[s] < len(ops[s]) for s in range(stages)):
+    p, v = stages, chunks
+    last, done, clock = p * v - 1, {}, [0.0] * p
+    ops = [_virtual_ops(schedule, s, p, micro_batches, v) for s in range(p)]
+    events, position = [[] for _ in range(p)], [0] * p
+    while any(position[s] < len(ops[s]) for s in range(p)):
         progressed = False
-        for s in range(stages):
+        for s in range(p):
             if position[s] == len(ops[s]):
                 continue
-            op, j = ops[s][position[s]]
-            need = ((op, s - 1, j) if op == "F" and s > 0 else ("B", s + 1, j) if op == "B"
-                    and s < stages - 1 else ("F", s, j) if op == "B" else None)
+            op, j, c = ops[s][position[s]]
+            g = c * p + s  # the global chunk (virtual stage)
+            need = (("F", g - 1, j) if op == "F" and g > 0 else ("B", g + 1, j) if op == "B"
+                    and g < last else ("F", g, j) if op == "B" else None)
             if need is not None and need not in done:
                 continue
-            ready = 0.0 if need is None else done[need] + (send if need[1] != s else 0.0)
+            ready = 0.0 if need is None else done[need] + (send if need[1] % p != s else 0.0)
             start = max(clock[s], ready)
-            clock[s] = start + (forward if op == "F" else backward)
-            done[(op, s, j)] = clock[s]
+            clock[s] = start + (forward if op == "F" else backward) / v
+            done[(op, g, j)] = clock[s]
             events[s].append(("forward" if op == "F" else "backward", start, clock[s], 0, j))
             position[s] += 1
             progressed = True
@@ -117,53 +167,66 @@ def check_options(options):
     if cuts is not None and not (isinstance(cuts, (list, tuple, np.ndarray))
                                  and all(map(is_integer, cuts))):
         raise TypeError(f"cuts must be None or a list of layer indices (integers), got {cuts!r}")
-    if options.get("schedule", "1f1b") not in SCHEDULES:
-        raise ValueError(f"unknown schedule {options['schedule']!r}; allowed: "
-                         f"{', '.join(SCHEDULES)}")
+    check_chunks(options.get("schedule", "1f1b"), options.get("chunks", 1))
 
 
 def run_batch(shard, comm, X, y, rows, weight, micro_batches, schedule, clock, total):
     """One batch, rows `rows` of (X, y), through the pipeline on this stage: leaves the
     weighted sum of the micro-batches' gradients in shard.grads (summed in `total`, a buffer
     shaped like it) and returns Σ_j (|B_j|/|B|)·weight·L_j (0 on all but the last stage) and
-    the peak number of micro-batches whose activations were held.
+    the peak number of (chunk, micro-batch) activations held at once.
+
+    shard: a ModelShard (one chunk), or for "interleaved_1f1b" a chunks.StageChunks, whose
+    local chunk c is global chunk g = c·p + s: its forward goes to rank (s+1) mod p (global
+    chunk g+1), its backward to rank (s−1) mod p, tagged by direction, receiving chunk and
+    micro-batch so no message meets the wrong op (sends do not wait for the receiver).
 
     Micro-batch j is rows[shard_bounds(|rows|, j, m)], gathered from X and y when it starts, so
     a stage holds only the micro-batches in flight. Each time the stash grows, clock.ledger
-    sees the bytes held at once: Σ over the stashed micro-batches of the arrays their saved
-    states keep (forwards make new arrays, so no two micro-batches share one).
+    sees the bytes held at once: Σ over the stashed chunk-micro-batches of the arrays their
+    saved states keep (forwards make new arrays, so no two share one).
     """
     stage, stages = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    first, last = stage == 0, stage == stages - 1
+    parts, spans = getattr(shard, "shards", [shard]), getattr(shard, "slices", [slice(None)])
+    m, last = micro_batches, stages * len(parts) - 1
     trace, stash, loss, peak = clock.trace, {}, 0.0, 0
     total[...] = 0.0
-    for op, j in schedule_ops(schedule, stage, stages, micro_batches):
-        start, stop = shard_bounds(len(rows), j, micro_batches)
+    for op, j, c in _virtual_ops(schedule, stage, stages, m, len(parts)):
+        start, stop = shard_bounds(len(rows), j, m)
         share = weight * (stop - start) / len(rows)
+        part, g = parts[c], c * stages + stage
         trace.micro = j
         if op == "F":
-            inputs = (X[rows[start:stop]] if first
-                      else clock.timed("comm", comm.recv, stage - 1, j))
-            if last:
-                loss += share * trace.timed("forward", shard.loss, inputs, y[rows[start:stop]])
+            inputs = (X[rows[start:stop]] if g == 0 else
+                      clock.timed("comm", comm.recv, (stage - 1) % stages, _tag("F", g, j, m)))
+            if g == last:
+                loss += share * trace.timed("forward", part.loss, inputs, y[rows[start:stop]])
             else:
-                out = trace.timed("forward", shard.forward, inputs)
-                clock.timed("comm", comm.send, out, stage + 1, j)
-            stash[j] = shard.save()
+                out = trace.timed("forward", part.forward, inputs)
+                clock.timed("comm", comm.send, out, (stage + 1) % stages,
+                            _tag("F", g + 1, j, m))
+            stash[c, j] = part.save()
             clock.ledger.saw(sum(map(activation_bytes, stash.values())))
             peak = max(peak, len(stash))
         else:
-            shard.restore(stash.pop(j))
-            memory.track([*shard.layers, shard.criterion], clock.ledger,
+            part.restore(stash.pop((c, j)))
+            memory.track([*part.layers, part.criterion], clock.ledger,
                          held=sum(map(activation_bytes, stash.values())))
-            d_out = (share * shard.criterion.backward() if last
-                     else clock.timed("comm", comm.recv, stage + 1, j))
-            d_in = trace.timed("backward", _backward_and_add, shard, d_out, total)
-            if not first:
-                clock.timed("comm", comm.send, np.ascontiguousarray(d_in), stage - 1, j)
+            d_out = (share * part.criterion.backward() if g == last else
+                     clock.timed("comm", comm.recv, (stage + 1) % stages, _tag("B", g, j, m)))
+            d_in = trace.timed("backward", _backward_and_add, part, d_out, total[spans[c]])
+            if g > 0:
+                clock.timed("comm", comm.send, np.ascontiguousarray(d_in),
+                            (stage - 1) % stages, _tag("B", g - 1, j, m))
     trace.micro = -1
     shard.grads[...] = total
     return loss, peak
+
+
+def _tag(op, chunk, micro, micro_batches):
+    """The message tag of what global chunk `chunk` receives for micro-batch `micro`: its input
+    (op "F") or the gradient of its output ("B")."""
+    return 2 * (chunk * micro_batches + micro) + (op == "B")
 
 
 def _backward_and_add(shard, d_out, total):

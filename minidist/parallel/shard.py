@@ -1,5 +1,6 @@
 """The part of a model one rank holds: layers [start, stop) of a Sequential (a pipeline stage),
-each Linear whole or split over a tensor-parallel group, in this rank's own flat buffers.
+each Linear whole or split over a tensor-parallel group (a GPT's embedding, blocks and head
+too: parallel.megatron), in this rank's own flat buffers.
 
 `index` says where each local element lives in the full model's flat buffer, so the full
 parameters are put back together at the end (`gather_params`) with one rule for every split:
@@ -12,7 +13,9 @@ import numpy as np
 
 from minidist import memory
 from minidist.nn.layers import walk
+from minidist.parallel import megatron
 from minidist.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, plan
+from minidist.parallel.vocab_parallel import VocabParallelCrossEntropy, VocabParallelHead
 
 
 def _views(model, flat):
@@ -30,11 +33,17 @@ class ModelShard:
     forward(X) / backward(dY) run the local layers; the last stage also holds the loss:
     loss(X, y) and backward() with no argument start from it. save() / restore(state) keep one
     micro-batch's cached activations apart from the next one's.
+
+    sequence_parallel (a GPT over tp_comm): the LayerNorms and residuals hold T/t positions;
+    `partial` lists the local elements (LayerNorm γ, β) whose gradients the tp group must sum
+    after the backward, once per step (empty otherwise).
     """
 
-    def __init__(self, model, start=0, stop=None, tp_comm=None, clock=None, algorithm="auto"):
+    def __init__(self, model, start=0, stop=None, tp_comm=None, clock=None, algorithm="auto",
+                 sequence_parallel=False):
         stop = len(model.layers) if stop is None else stop
         rank, t = (0, 1) if tp_comm is None else (tp_comm.rank, tp_comm.world_size)
+        sequence_parallel = bool(sequence_parallel) and tp_comm is not None
         values = _views(model, model.params)
         where = _views(model, np.arange(model.num_params))
         self.layers, taken = [], []
@@ -46,6 +55,9 @@ class ModelShard:
                                              input_grad=i > 0)
             elif kind == "row":
                 layer = RowParallelLinear(full.d_in, full.d_out, tp_comm, clock, algorithm)
+            elif kind in megatron.KINDS:
+                layer = megatron.parallel_layer(kind, full, tp_comm, clock, algorithm,
+                                                sequence_parallel)
             else:
                 layer = full  # kept whole: the same layer, rebound to this shard's buffers
             if kind == "whole":
@@ -58,18 +70,25 @@ class ModelShard:
         self.params = np.zeros(sum(sizes), model.dtype)
         self.grads = np.zeros_like(self.params)
         self.index = np.zeros(sum(sizes), np.int64)
-        offset = 0
+        offset, partial = 0, []
         for layer, (vals, idx) in zip(self.layers, taken, strict=True):
             p_views, g_views = {}, {}
+            summed = megatron.partial_params(layer) if sequence_parallel else ()
             for name, shape in layer.param_shapes().items():
                 size = int(np.prod(shape))
                 p_views[name] = self.params[offset:offset + size].reshape(shape)
                 g_views[name] = self.grads[offset:offset + size].reshape(shape)
                 p_views[name][...] = vals[name]
                 self.index[offset:offset + size] = idx[name].ravel()
+                if name in summed:
+                    partial.append(np.arange(offset, offset + size))
                 offset += size
             layer.bind(p_views, g_views)
+        self.partial = np.concatenate(partial) if partial else np.zeros(0, np.int64)
         self.criterion = model.criterion if stop == len(model.layers) else None
+        if self.criterion is not None and isinstance(self.layers[-1], VocabParallelHead):
+            self.criterion = VocabParallelCrossEntropy(model.layers[-1].d_out, tp_comm, clock,
+                                                       algorithm)
         self.full_size = model.num_params
 
     def __repr__(self):
@@ -103,6 +122,22 @@ class ModelShard:
     def restore(self, state):
         for part, saved in zip(self._parts(), state, strict=True):
             vars(part).update(saved)
+
+    def rebind(self, params, grads):
+        """Move the parameters into `params` and the gradients into `grads` (1-D, as long as
+        `self.params`: slices of a buffer several shards share, parallel.chunks.StageChunks);
+        every layer's views follow, in the same layout (layer by layer, param_shapes order)."""
+        params[...], grads[...] = self.params, self.grads
+        offset = 0
+        for layer in self.layers:
+            p_views, g_views = {}, {}
+            for name, shape in layer.param_shapes().items():
+                size = int(np.prod(shape))
+                p_views[name] = params[offset:offset + size].reshape(shape)
+                g_views[name] = grads[offset:offset + size].reshape(shape)
+                offset += size
+            layer.bind(p_views, g_views)
+        self.params, self.grads = params, grads
 
 
 def activation_bytes(state):

@@ -15,6 +15,8 @@ So a block costs one all-reduce of N×d_out forward and one of N×d_in backward 
 block reads the training data, whose gradient nobody needs). Each rank stores 1/t of A and B
 (and of A's bias); B's bias is added once, after the all-reduce, and every rank keeps it whole.
 A Linear that is not part of a (Linear, activation, Linear) block stays whole on every rank.
+Both layers take inputs (N, d) or (N, T, d), and other f and g (sequence parallelism's, in
+sequence_parallel.py). A GPT is split by minidist.parallel.megatron (`plan` names the kinds).
 """
 
 import numpy as np
@@ -22,9 +24,10 @@ import numpy as np
 from minidist import kernels
 from minidist.comm import ALGORITHMS
 from minidist.cost import bytes_per_rank
-from minidist.nn import Layer, Linear, ReLU, Tanh
+from minidist.data import shard_bounds
+from minidist.nn import Block, Embedding, Layer, Linear, ReLU, Tanh
 
-OPTIONS = {"algorithm": "auto"}
+OPTIONS = {"algorithm": "auto", "sequence_parallel": False}
 ELEMENTWISE = (ReLU, Tanh)
 
 
@@ -38,7 +41,7 @@ class CopyToTensorParallel:
         return X
 
     def backward(self, dX):
-        return _all_reduce(self, dX)
+        return communicate(self, "all_reduce", dX, "sum")
 
 
 class ReduceFromTensorParallel:
@@ -48,19 +51,28 @@ class ReduceFromTensorParallel:
         self.comm, self.clock, self.algorithm = comm, clock, algorithm
 
     def forward(self, Y):
-        return _all_reduce(self, Y)
+        return communicate(self, "all_reduce", Y, "sum")
 
     def backward(self, dY):
         return dY
 
 
-def _all_reduce(op, array):
+def communicate(op, collective, array, *args):
+    """op.comm.<collective>(array, *args, algorithm) on `array` made contiguous (an all-reduce
+    works in place), timed through op.clock when there is one; just `array` with no group (or
+    a group of one).
+    The all-reduces run op.algorithm; all-gathers and reduce-scatters the ring or native one
+    ("auto" unless op.algorithm names one of them)."""
     array = np.ascontiguousarray(array)
     if op.comm is None or op.comm.world_size == 1:
         return array
+    algorithm = op.algorithm
+    if collective != "all_reduce" and algorithm not in ("ring", "native"):
+        algorithm = "auto"
+    fn = getattr(op.comm, collective)
     if op.clock is None:
-        return op.comm.all_reduce(array, "sum", op.algorithm)
-    return op.clock.timed("comm", op.comm.all_reduce, array, "sum", op.algorithm)
+        return fn(array, *args, algorithm)
+    return op.clock.timed("comm", fn, array, *args, algorithm, event=collective)
 
 
 def _group(comm):
@@ -69,52 +81,68 @@ def _group(comm):
 
 class ColumnParallelLinear(Layer):
     """Y_k = f(X) A_k + b_k with A_k = A[:, k·d_out/t : (k+1)·d_out/t].
-    ∂A_k = Xᵀ∂Y_k, ∂b_k = Σ_n ∂Y_k, ∂X = f.backward(∂Y_k A_kᵀ) (an all-reduce)."""
+    ∂A_k = f(X)ᵀ∂Y_k, ∂b_k = Σ_n ∂Y_k, ∂X = f.backward(∂Y_k A_kᵀ) (an all-reduce).
 
-    def __init__(self, d_in, d_out, comm=None, clock=None, algorithm="auto", input_grad=True):
+    It keeps its input as it came in and applies f to it again in backward: nothing for
+    CopyToTensorParallel, an all-gather for sequence parallelism's f (which keeps only the
+    local chunk of the sequence, as Megatron does). input_grad=False (the first layer, reading
+    the data): ∂X stays this rank's share, not reduced. EVEN: d_out must divide by t (if not,
+    as for VocabParallelHead, rank k gets columns shard_bounds(d_out, k, t))."""
+
+    EVEN = True
+
+    def __init__(self, d_in, d_out, comm=None, clock=None, algorithm="auto", input_grad=True,
+                 f=None):
         rank, t = _group(comm)
-        if d_out % t:
+        if self.EVEN and d_out % t:
             raise ValueError(f"ColumnParallelLinear({d_in}→{d_out}): {d_out} outputs do not "
                              f"split evenly over tp={t} ranks")
-        self.d_in, self.d_out, self.d_local = d_in, d_out, d_out // t
-        self.f = CopyToTensorParallel(comm, clock, algorithm) if input_grad else None
+        lo, hi = shard_bounds(d_out, rank, t)
+        self.d_in, self.d_out, self.d_local = d_in, d_out, hi - lo
+        self.f = CopyToTensorParallel(comm, clock, algorithm) if f is None else f
+        self.input_grad = input_grad
 
     def __repr__(self):
-        return f"ColumnParallelLinear({self.d_in}→{self.d_local} of {self.d_out})"
+        return f"{type(self).__name__}({self.d_in}→{self.d_local} of {self.d_out})"
 
     def param_shapes(self):
         return {"W": (self.d_in, self.d_local), "b": (self.d_local,)}
 
     @staticmethod
     def take(W, b, rank, t):
-        """This rank's part of the full W, b: a block of columns."""
-        cols = slice(rank * W.shape[1] // t, (rank + 1) * W.shape[1] // t)
+        """This rank's part of the full W, b: columns shard_bounds(d_out, rank, t)."""
+        cols = slice(*shard_bounds(W.shape[1], rank, t))
         return {"W": W[:, cols], "b": b[cols]}
 
     def forward(self, X):
         K = kernels.ops()
         self.X = X
-        return K.add_bias(K.matmul(X, self.params["W"]), self.params["b"])
+        X = self.f.forward(X)
+        Y = K.add_bias(K.matmul(X.reshape(-1, self.d_in), self.params["W"]), self.params["b"])
+        return Y.reshape(*X.shape[:-1], self.d_local)
 
     def backward(self, dY):
         K = kernels.ops()
-        self.grads["W"][...] = K.matmul_tn(self.X, dY)
+        X = self.f.forward(self.X)  # the whole input again
+        dY = dY.reshape(-1, self.d_local)
+        self.grads["W"][...] = K.matmul_tn(X.reshape(-1, self.d_in), dY)
         self.grads["b"][...] = K.sum_rows(dY)
-        dX = K.matmul_nt(dY, self.params["W"])  # this rank's share of ∂L/∂X
-        return dX if self.f is None else self.f.backward(dX)
+        dX = K.matmul_nt(dY, self.params["W"]).reshape(X.shape)  # this rank's share of ∂L/∂X
+        return self.f.backward(dX) if self.input_grad else dX
 
 
 class RowParallelLinear(Layer):
     """Y = g(X_k B_k) + b with B_k = B[k·d_in/t : (k+1)·d_in/t, :], X_k this rank's columns.
-    ∂B_k = X_kᵀ∂Y, ∂b = Σ_n ∂Y, ∂X_k = ∂Y B_kᵀ (no communication)."""
+    ∂B_k = X_kᵀ g.backward(∂Y), ∂b = Σ_n g.backward(∂Y), ∂X_k = g.backward(∂Y) B_kᵀ (no
+    communication beyond g's)."""
 
-    def __init__(self, d_in, d_out, comm=None, clock=None, algorithm="auto"):
+    def __init__(self, d_in, d_out, comm=None, clock=None, algorithm="auto", g=None):
         rank, t = _group(comm)
         if d_in % t:
             raise ValueError(f"RowParallelLinear({d_in}→{d_out}): {d_in} inputs do not split "
                              f"evenly over tp={t} ranks")
         self.d_in, self.d_out, self.d_local = d_in, d_out, d_in // t
-        self.g = ReduceFromTensorParallel(comm, clock, algorithm)
+        self.g = ReduceFromTensorParallel(comm, clock, algorithm) if g is None else g
 
     def __repr__(self):
         return f"RowParallelLinear({self.d_local} of {self.d_in}→{self.d_out})"
@@ -131,46 +159,77 @@ class RowParallelLinear(Layer):
     def forward(self, X):
         K = kernels.ops()
         self.X = X
-        return K.add_bias(self.g.forward(K.matmul(X, self.params["W"])), self.params["b"])
+        Z = K.matmul(X.reshape(-1, self.d_local), self.params["W"])
+        return K.add_bias(self.g.forward(Z.reshape(*X.shape[:-1], self.d_out)), self.params["b"])
 
     def backward(self, dY):
         K = kernels.ops()
-        dY = self.g.backward(dY)
-        self.grads["W"][...] = K.matmul_tn(self.X, dY)
+        dY = self.g.backward(dY).reshape(-1, self.d_out)
+        self.grads["W"][...] = K.matmul_tn(self.X.reshape(-1, self.d_local), dY)
         self.grads["b"][...] = K.sum_rows(dY)
-        return K.matmul_nt(dY, self.params["W"])
+        return K.matmul_nt(dY, self.params["W"]).reshape(self.X.shape)
 
 
 def plan(layers, start=0, stop=None):
-    """How layers[start:stop] are split: [(index, "column" | "row" | "whole")], where a
-    (Linear, elementwise activation, Linear) run becomes column, whole, row."""
+    """How layers[start:stop] are split: [(index, kind)]. A (Linear, elementwise activation,
+    Linear) run becomes "column", "whole", "row"; a GPT's (layers[0] an Embedding) Embedding
+    is "embedding" (vocab-parallel), each Block "block" (heads and MLP split), its last Linear
+    "head" (vocab-parallel); everything else "whole" (every rank runs it on the same input)."""
     stop = len(layers) if stop is None else stop
+    gpt = isinstance(layers[0], Embedding)
     kinds, i = [], start
     while i < stop:
-        if (isinstance(layers[i], Linear) and i + 2 < stop and isinstance(layers[i + 2], Linear)
-                and isinstance(layers[i + 1], ELEMENTWISE)):
+        if isinstance(layers[i], Embedding):
+            kinds.append((i, "embedding"))
+        elif isinstance(layers[i], Block):
+            kinds.append((i, "block"))
+        elif gpt and i == len(layers) - 1 and isinstance(layers[i], Linear):
+            kinds.append((i, "head"))
+        elif (isinstance(layers[i], Linear) and i + 2 < stop
+              and isinstance(layers[i + 2], Linear) and isinstance(layers[i + 1], ELEMENTWISE)):
             kinds += [(i, "column"), (i + 1, "whole"), (i + 2, "row")]
-            i += 3
+            i += 2
         else:
             kinds.append((i, "whole"))
-            i += 1
+        i += 1
     return kinds
 
 
 def check_split(layers, t, start=0, stop=None):
-    """Raise a ValueError naming the first layer whose width does not divide by t, or, for
-    t > 1, the first composite layer (a transformer block): its heads cannot be split yet."""
+    """Raise a ValueError naming the first layer of layers[start:stop] that cannot be split
+    over t ranks: a width not divisible by t, a Block whose n_heads or d_ff is not, or a
+    vocabulary smaller than t."""
     for i, kind in plan(layers, start, stop):
-        if t > 1 and layers[i].sublayers():
-            raise ValueError(f"layer {i} {layers[i]!r} is a transformer block: tensor "
-                             f"parallelism over attention heads is not built yet, so the "
-                             f"model's blocks cannot be split over tp={t} ranks (use tp=1: "
-                             f"data parallelism or a pipeline)")
+        layer = layers[i]
+        if kind == "block":
+            heads, d_ff = layer.attn.n_heads, layer.mlp.fc.d_out
+            if heads % t or d_ff % t:
+                raise ValueError(f"layer {i} {layer!r}: tensor parallelism splits the "
+                                 f"attention heads and the MLP's hidden width over tp={t} "
+                                 f"ranks, so n_heads={heads} and d_ff={d_ff} must both be "
+                                 f"divisible by tp={t}")
+        elif kind in ("embedding", "head"):
+            vocab = layer.vocab_size if kind == "embedding" else layer.d_out
+            if vocab < t:
+                raise ValueError(f"layer {i} {layer!r}: vocab_size={vocab} rows cannot be "
+                                 f"split over tp={t} ranks (vocab_size must be >= tp)")
         width = {"column": "d_out", "row": "d_in"}.get(kind)
-        if width and getattr(layers[i], width) % t:
-            raise ValueError(f"layer {i} {layers[i]!r} has {getattr(layers[i], width)} "
+        if width and getattr(layer, width) % t:
+            raise ValueError(f"layer {i} {layer!r} has {getattr(layer, width)} "
                              f"{'outputs' if kind == 'column' else 'inputs'}, not divisible by "
                              f"tp={t}")
+
+
+def check_sequence_parallel(layers, t, seq_len):
+    """sequence_parallel=True over t > 1 ranks needs a GPT (layers[0] an Embedding) and
+    sequences of seq_len = T positions that split evenly: T/t each (a ValueError otherwise)."""
+    if not isinstance(layers[0], Embedding):
+        raise ValueError(f"sequence_parallel=True splits sequences of tokens: it needs a GPT "
+                         f"(a model whose first layer is an Embedding), got first layer "
+                         f"{layers[0]!r}")
+    if seq_len % t:
+        raise ValueError(f"sequence_parallel=True splits each sequence of T={seq_len} "
+                         f"positions over tp={t} ranks: T must be divisible by tp")
 
 
 def block_bytes(n, d_in, d_hidden, d_out, t, itemsize=8, first=True, algorithm="ring"):
@@ -188,3 +247,6 @@ def check_options(options):
     if options.get("algorithm", "auto") not in ALGORITHMS:
         raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
                          f"allowed: {', '.join(ALGORITHMS)}")
+    sequence = options.get("sequence_parallel", False)
+    if not isinstance(sequence, (bool, np.bool_)):
+        raise TypeError(f"sequence_parallel must be True or False, got {sequence!r}")

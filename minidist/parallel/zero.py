@@ -70,8 +70,9 @@ def check_options(options):
     check_integer("bucket_bytes", options.get("bucket_bytes", 1))
 
 
-def check_model(model_fn, workers, batch_size, options):
-    """ZeRO re-binds a Sequential's layers unit by unit: the model must be one, on numpy."""
+def check_model(model_fn, workers, batch_size, options, data_shape=None):
+    """ZeRO re-binds a Sequential's layers unit by unit: the model must be one, on numpy
+    (data_shape, the training inputs' shape every job check is given, does not matter here)."""
     model = model_fn()
     if not isinstance(model, Sequential) or getattr(model, "device", None) != "numpy":
         raise ValueError(f"strategy='zero' needs a minidist.nn.Sequential model on the numpy "
