@@ -12,6 +12,10 @@ from minidist.launch import BACKENDS
 from minidist.parallel.buckets import units
 from minidist.precision import HALF, PRECISIONS, SCALE_RANGE, resolve
 
+# the strategies that give every worker its own rows of the batch (model-parallel ranks share
+# their replica's rows: hybrid.check_job asks for dp · micro_batches rows)
+SHARD_THE_BATCH = ("distributed_gd", "data_parallel", "parameter_server", "zero")
+
 
 def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, backend, steps,
                     batch_size, lr, optimizer, seed, optimizer_options, progress, timeout,
@@ -34,7 +38,7 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
     for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1),
                                  ("seed", seed, 0)):
         data.check_integer(name, value, minimum)
-    if batch_size < workers:
+    if batch_size < workers and strategy in SHARD_THE_BATCH:
         raise ValueError(f"batch_size={batch_size} is smaller than workers={workers}: "
                          "every worker needs at least one sample")
     if not isinstance(progress, (bool, np.bool_)):
@@ -59,6 +63,9 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
     model = model_fn()
     precision = _check_precision(precision, loss_scale, model, strategy, strategy_options)
     X, y = data.check_training_data(X, y)
+    check_tokens = getattr(next(iter(getattr(model, "layers", [])), None), "check_tokens", None)
+    if check_tokens is not None:  # a language model: every token id in its vocabulary
+        check_tokens(X)
     output = _classifier_output(model, X)
     if output is not None:
         data.check_labels(y, output[-1])

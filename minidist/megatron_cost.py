@@ -1,6 +1,6 @@
 """The bytes a rank of a Megatron-split GPT sends in one training step (minidist.parallel.
-megatron), exactly as comm.stats counts them, with the ring algorithms (algorithm="ring"; the
-native ones count the same whenever every array splits evenly over the group).
+megatron), exactly as comm.stats counts them, with the ring algorithms (what "auto" and "ring"
+run on the tp, pp and dp groups, which are sub-communicators: no native collectives).
 
 t = tp ranks, rank r; b = itemsize; a micro-batch of n sequences of T tokens, d = d_model;
 a = n·T·d. Ring costs (cost.bytes_per_rank): AR(x) = (x·b − c_r) + (x·b − c_{r+1}) for chunks
@@ -25,8 +25,8 @@ parameter count (megatron_param_elements), at its dp rank.
 """
 
 from minidist.cost import bytes_per_rank
-from minidist.data import shard_bounds
-from minidist.megatron_memory import _layers, megatron_param_elements
+from minidist.data import check_integer, is_integer, shard_bounds
+from minidist.megatron_memory import layer_parts, megatron_param_elements
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "send")
 
@@ -34,8 +34,17 @@ COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "send")
 def _entries(model, batch_size, seq_len, tp, sequence_parallel, tp_rank, layers, micro_batches,
              dp, dp_rank):
     """[(part, collective, bytes)] of one step."""
+    embedding, blocks, ln_f, head = layer_parts(model, tp, tp_rank, layers, seq_len,
+                                                sequence_parallel)
+    for name, value, low in (("dp", dp, 1), ("micro_batches", micro_batches, 1)):
+        check_integer(name, value, low)
+    if not (is_integer(dp_rank) and 0 <= dp_rank < dp):
+        raise ValueError(f"dp_rank must be an integer in [0, {dp}) for dp={dp}, got {dp_rank!r}")
+    check_integer("batch_size", batch_size, 1)
+    if batch_size < dp * micro_batches:  # as hybrid.check_job
+        raise ValueError(f"batch_size={batch_size} cannot give dp={dp} replicas "
+                         f"{micro_batches} micro-batches of at least one row each")
     b, d, T, t, r = model.dtype.itemsize, model.d_model, int(seq_len), int(tp), int(tp_rank)
-    embedding, blocks, ln_f, head = _layers(model, layers)
     sp = bool(sequence_parallel) and t > 1
 
     def ring(collective, shape, group=t, rank=r):

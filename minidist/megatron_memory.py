@@ -25,15 +25,36 @@ With t = 1 these are memory.gpt_activation_elements; with sequence parallelism e
 the tokens and labels is 1/t of it (Korthikanti et al. 2022: sbh(34 + 5as/h)/t).
 """
 
-from minidist.data import shard_bounds
+from minidist.data import is_integer, shard_bounds
 from minidist.zero_memory import _count
 
 INT64_PARTS = ("tokens", "labels")  # the parts of the activation counts kept as int64
 
 
-def _layers(model, layers):
-    """(has the embedding, number of blocks, has ln_f, has the head) among layers [a, b)."""
-    a, b = (0, len(model.layers)) if layers is None else (int(layers[0]), int(layers[1]))
+def layer_parts(model, tp=1, rank=0, layers=None, seq_len=None, sequence_parallel=False):
+    """(has the embedding, number of blocks, has ln_f, has the head) among a GPT `model`'s
+    layers [a, b) = `layers` (None: all), after checking that the layout can run: a ValueError
+    naming the first thing that cannot (the split of heads, d_ff or the vocabulary over tp,
+    the rank, the layer range, seq_len against the context and, under sequence parallelism,
+    against tp), as train() would before any rank starts."""
+    from minidist.parallel.tensor_parallel import check_sequence_parallel, check_split
+
+    if not all(hasattr(model, name) for name in ("n_layers", "vocab_size", "layers")):
+        raise ValueError(f"model must be a GPT (minidist.nn.gpt), got {model!r}")
+    t, n = _count("tp", tp), len(model.layers)
+    if not (is_integer(rank) and 0 <= rank < t):
+        raise ValueError(f"rank must be an integer in [0, {t}) for tp={t}, got {rank!r}")
+    a, b = (0, n) if layers is None else layers
+    if not (is_integer(a) and is_integer(b) and 0 <= a < b <= n):
+        raise ValueError(f"layers must be (start, stop) with 0 <= start < stop <= {n}, the "
+                         f"model's layers, got {layers!r}")
+    check_split(model.layers, t, int(a), int(b))
+    if seq_len is not None:
+        T = _count("seq_len", seq_len)
+        if T > model.context:
+            raise ValueError(f"seq_len={T} exceeds the model's context of {model.context}")
+        if sequence_parallel and t > 1:
+            check_sequence_parallel(model.layers, t, T)
     L = model.n_layers
     blocks = max(0, min(b, L + 1) - max(a, 1))
     return a == 0, blocks, a <= L + 1 < b, b == L + 3
@@ -47,10 +68,9 @@ def _vocab(model, tp, rank):
 def megatron_param_elements(model, tp=1, rank=0, layers=None):
     """{embedding, blocks, ln_f, head}: the parameters tp-rank `rank` of t = tp holds of a GPT
     `model`'s layers [a, b) = `layers` (None: all), by part (see the module's formulas)."""
-    t = _count("tp", tp)
-    d, d_ff, C = model.d_model, model.d_ff, model.context
+    embedding, blocks, ln_f, head = layer_parts(model, tp, rank, layers)
+    t, d, d_ff, C = int(tp), model.d_model, model.d_ff, model.context
     V_k = _vocab(model, t, rank)
-    embedding, blocks, ln_f, head = _layers(model, layers)
     block = 4 * d + 4 * d * d // t + 3 * d // t + d + 2 * d * d_ff // t + d_ff // t + d
     return {"embedding": embedding * (V_k * d + C * d), "blocks": blocks * block,
             "ln_f": ln_f * 2 * d, "head": head * (d * V_k + V_k)}
@@ -62,11 +82,11 @@ def megatron_activation_elements(N, T, model, tp=1, sequence_parallel=False, ran
     of T tokens leaves for backward on tp-rank `rank`'s layers [a, b) = `layers` (the ledger's
     count after that micro-batch's forward; `INT64_PARTS` are int64). recompute: None for the
     model's own setting."""
-    N, T, t = _count("N", N), _count("T", T), _count("tp", tp)
-    d, H, d_ff = model.d_model, model.n_heads, model.d_ff
+    N = _count("N", N)
+    embedding, blocks, ln_f, head = layer_parts(model, tp, rank, layers, T, sequence_parallel)
+    T, t, d, H, d_ff = int(T), int(tp), model.d_model, model.n_heads, model.d_ff
     recompute = model.recompute if recompute is None else recompute
     Tl = T // t if sequence_parallel else T
-    embedding, blocks, ln_f, head = _layers(model, layers)
     block = N * Tl * d if recompute else (2 * (N * Tl * d + N * Tl) + 2 * N * Tl * d
                                           + 4 * N * T * d // t + H // t * N * T * T
                                           + 2 * N * T * d_ff // t)

@@ -186,8 +186,6 @@ def mlp_activation_bytes(batch, sizes, activation="relu", itemsize=8, label_item
     return n * values * itemsize + n * label_itemsize
 
 
-
-
 def gpt_activation_elements(N, T, model):
     """The elements a GPT keeps for backward after model.loss on (N, T) tokens and int64
     targets, by part (`INT64_PARTS` are int64, the rest in the model's dtype). Per block:

@@ -29,7 +29,7 @@ STRATEGIES = {
     "hybrid": (hybrid.worker, hybrid.OPTIONS, hybrid.check_options),
     "zero": (zero.worker, zero.OPTIONS, zero.check_options),
 }
-# strategy -> check(model_fn, workers, batch_size, options): shapes that cannot be split
+# strategy -> check(model_fn, workers, batch_size, options, data_shape): shapes that cannot be split
 JOB_CHECKS = {"tensor_parallel": hybrid.check_tensor_parallel,
               "pipeline": hybrid.check_pipeline, "hybrid": hybrid.check_job,
               "zero": zero.check_model}

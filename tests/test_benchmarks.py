@@ -208,3 +208,53 @@ def test_the_zero_benchmark_runs_every_peer_on_the_same_sgd_and_counts_memory(tm
     report = load_file("benchmarks/report.py", "benchmark_report")
     text = report.render_result("zero", result)
     assert "(`make bench-zero` runs it again)" in text and "| peer | label |" in text
+
+
+def test_the_parallel_transformer_benchmark_meets_its_formulas_and_single(tmp_path):
+    # the tiny --quick run: single, Megatron TP and SP, 1F1B and interleaved pipelines, and
+    # PyTorch's own TP and TP+SP (2 gloo ranks); every figure checked against a formula here
+    pytest.importorskip("torch")
+    from minidist import cost, memory, nn
+    from minidist.parallel.pipeline import stage_bounds
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel_transformer.py"),
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    result = json.loads((tmp_path / "parallel_transformer.json").read_text())
+    assert (tmp_path / "parallel_transformer.png").stat().st_size > 0
+    rows = {r["peer"]: r for r in result["rows"]}
+    pipelines = [f"pp=2 {s} m={m}" for s in ("1f1b", "interleaved_1f1b v=2") for m in (2, 4, 8)]
+    assert list(rows) == ["single", "tp=2", "tp=2 SP", *pipelines, "PyTorch TP", "PyTorch TP+SP"]
+    for row in rows.values():  # every peer ran and trained as one process does
+        assert not row["errors"] and row["step_ms"] > 0 and row["params_gap_vs_single"] < 1e-10
+    c = result["config"]
+    N, T, d = c["batch"], c["context"], c["d_model"]
+    model = nn.gpt(c["vocab"], T, d, c["n_heads"], c["n_layers"])
+    for sp in (False, True):
+        row = rows["tp=2 SP" if sp else "tp=2"]
+        assert row["bytes_per_rank"] == [cost.megatron_bytes_per_rank(model, N, T, 2, sp, r)[
+            "total"] for r in range(2)]
+        assert row["activations_per_rank"] == [memory.megatron_activation_bytes(
+            N, T, model, 2, sp, r) for r in range(2)]
+    assert rows["tp=2 SP"]["activations_per_rank"][0] < rows["tp=2"]["activations_per_rank"][0]
+    assert rows["single"]["activations_per_rank"] == [memory.megatron_activation_bytes(N, T,
+                                                                                       model)]
+    for m in (2, 4, 8):
+        # each stage sends every micro-batch's (N/m, T, d) float64s once per chunk boundary:
+        # 1F1B one (forward or back); interleaved 3 (chunk 0→1→2→3: two inner chunks both ways)
+        plain, interleaved = rows[f"pp=2 1f1b m={m}"], rows[f"pp=2 interleaved_1f1b v=2 m={m}"]
+        assert plain["bytes_per_rank"] == [N * T * d * 8] * 2
+        assert interleaved["bytes_per_rank"] == [3 * N * T * d * 8] * 2
+        # 1F1B: stage s stashes min(p − s, m) micro-batches of its layers
+        assert plain["activations_per_rank"] == [min(2 - s, m) * memory.megatron_activation_bytes(
+            N // m, T, model, layers=layers) for s, layers in enumerate(stage_bounds(model, 2))]
+        for row, v in ((plain, 1), (interleaved, 2)):
+            assert row["bubble_formula"] == 1 / (v * m + 1) and 0 < row["bubble"] < 1
+    by = {name: row["step_ms"] for name, row in rows.items()}
+    assert result["pytorch_over_minidist_step_time"] == {
+        "tp": by["PyTorch TP"] / by["tp=2"], "sp": by["PyTorch TP+SP"] / by["tp=2 SP"]}
+    assert rows["tp=2"]["speed_vs_single"] == by["single"] / by["tp=2"]
+    report = load_file("benchmarks/report.py", "benchmark_report")
+    text = report.render_result("parallel_transformer", result)
+    assert "(`make bench-parallel-transformer` runs it again)" in text

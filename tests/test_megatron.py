@@ -242,7 +242,12 @@ def _no_ranks(monkeypatch):
      r"sequence_parallel must be True or False \(its default is False\), got 1"),
     (gpt, X, {"workers": 2, "sequence_parallel": "yes"}, TypeError,
      r"sequence_parallel must be True or False"),
-], ids=["n_heads", "d_ff", "T", "mlp", "int", "str"])
+    (gpt, X, {"workers": 2, "algorithm": "native"}, ValueError,
+     r"unknown all-reduce algorithm 'native' for model parallelism; allowed: .* \(not "
+     r"'native': the tp, pp and dp groups are sub-communicators"),
+    (gpt, np.where(np.arange(X.size).reshape(X.shape) == 27, V, X), {"workers": 2}, ValueError,
+     rf"token {V} at \[3, 3\] is outside the vocabulary: tokens must lie in \[0, {V}\)"),
+], ids=["n_heads", "d_ff", "T", "mlp", "int", "str", "native", "token"])
 def test_bad_jobs_are_named_before_any_rank_starts(monkeypatch, model_fn, X_, options, error,
                                                    match):
     _no_ranks(monkeypatch)
@@ -280,3 +285,31 @@ def test_interleaved_chunks_keep_sequence_parallelism():
         runs[False].stats[0]["reduce_scatter"]["calls"] == 0
     assert all(sp["activations"] < plain["activations"]
                for sp, plain in zip(runs[True].memory, runs[False].memory, strict=True))
+
+
+def test_bad_layouts_are_refused_by_every_formula():
+    g = nn.gpt(11, 8, d_model=16, n_heads=4, n_layers=2, d_ff=32)
+    for call, match in [
+        (lambda: cost.megatron_bytes_per_rank(g, 8, 7, tp=2, sequence_parallel=True), "T=7"),
+        (lambda: memory.megatron_activation_elements(8, 7, g, 2, True), "T=7"),
+        (lambda: cost.megatron_bytes_per_rank(g, 8, 8, tp=3), "n_heads=4"),
+        (lambda: memory.megatron_param_elements(g, 3), "n_heads=4"),
+        (lambda: cost.megatron_bytes_per_rank(g, 8, 8, tp=0), "tp"),
+        (lambda: cost.megatron_bytes_per_rank(g, 8, 9), "context"),
+        (lambda: cost.megatron_bytes_per_rank(g, 8, 8, layers=(3, 1)), "layers"),
+        (lambda: memory.megatron_param_elements(g, layers=(0, 99)), "layers"),
+        (lambda: cost.megatron_bytes_per_rank(g, 2, 8, micro_batches=4), "micro-batches"),
+        (lambda: cost.megatron_bytes_per_rank(g, 8, 8, tp=2, tp_rank=5), "rank"),
+        (lambda: memory.megatron_param_elements(nn.mlp([4, 2])), "GPT"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.usefixtures("leaves_nothing_behind")
+def test_model_parallel_ranks_share_their_replicas_rows_so_one_row_serves_them_all():
+    """tp and pp ranks do not split the batch: a batch of 1 sequence trains on 4 ranks."""
+    reference = train(gpt, X, Y, steps=2, batch_size=1, lr=0.1)
+    hist = train(gpt, X, Y, strategy="hybrid", workers=4, tp=2, pp=2, micro_batches=1,
+                 sequence_parallel=True, backend="thread", steps=2, batch_size=1, lr=0.1)
+    assert_same_training(hist, reference)

@@ -7,7 +7,7 @@ ModelShard; all v share ONE flat parameter buffer and ONE gradient buffer, chunk
     params = [θ_chunk s | θ_chunk s+p | … ],    index = [index_s | index_{s+p} | … ]
 
 so the optimizer, the data-parallel all-reduce, gather_params and the memory ledger treat a
-rank's chunks exactly as they treat one ModelShard. `shards[c]` (or `chunks[c]`) is local chunk
+rank's chunks exactly as they treat one ModelShard. `shards[c]` is local chunk
 c, with its forward / backward / loss / save / restore; `slices[c]` is its span of the buffers.
 """
 
@@ -38,12 +38,6 @@ class StageChunks:
                                        in zip(self.shards, self.slices, strict=True)])
         self.criterion = self.shards[-1].criterion
         self.full_size = model.num_params
-
-    def __len__(self):
-        return len(self.shards)
-
-    def __getitem__(self, c):
-        return self.shards[c]
 
     def __repr__(self):
         inner = ", ".join(f"layers {a}:{b} {shard!r}"

@@ -3,7 +3,8 @@
     Topology(dp, tp, pp): world_size = dp·tp·pp ranks, rank = (d·pp + s)·tp + k
 
 Rank (d, s, k) holds tensor-parallel part k of pipeline stage s of data-parallel replica d.
-Tensor-parallel peers get adjacent ranks (they talk most: twice per MLP block). Three
+Tensor-parallel peers get adjacent ranks (they talk most: all-reduces twice per MLP block and
+four times per transformer block each step, forward and backward). Three
 sub-communicators from comm.split: `tp` (same d, s), `pp` (same d, k) and `dp` (same s, k).
 One step: replica d takes its shard of the global batch, runs it through its pipeline of
 tensor-parallel stages, and the ranks that hold the same part of the model all-reduce their

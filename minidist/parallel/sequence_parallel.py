@@ -28,12 +28,8 @@ from minidist.parallel.tensor_parallel import (
 )
 
 
-def _to_wire(X):
-    """(N, T, d) → (T, N, d), contiguous: the sequence on axis 0."""
-    return np.ascontiguousarray(X.swapaxes(0, 1))
-
-
-def _from_wire(X):
+def _swap(X):
+    """(N, T, d) ↔ (T, N, d), contiguous: to the wire (the sequence on axis 0) and back."""
     return np.ascontiguousarray(X.swapaxes(0, 1))
 
 
@@ -41,15 +37,15 @@ def gather_sequence(op, X):
     """(N, T/t, d) on every rank → (N, T, d): the chunks side by side, in rank order."""
     if op.comm is None or op.comm.world_size == 1:
         return X
-    stacked = communicate(op, "all_gather", _to_wire(X))  # (t, T/t, N, d)
-    return _from_wire(stacked.reshape(-1, *stacked.shape[2:]))
+    stacked = communicate(op, "all_gather", _swap(X))  # (t, T/t, N, d)
+    return _swap(stacked.reshape(-1, *stacked.shape[2:]))
 
 
 def reduce_scatter_sequence(op, Y):
     """(N, T, d) partial sums on every rank → rank k's positions of Σ_ranks, (N, T/t, d)."""
     if op.comm is None or op.comm.world_size == 1:
         return Y
-    return _from_wire(communicate(op, "reduce_scatter", _to_wire(Y), "sum"))
+    return _swap(communicate(op, "reduce_scatter", _swap(Y), "sum"))
 
 
 class GatherFromSequenceParallel(CopyToTensorParallel):

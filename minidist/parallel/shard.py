@@ -70,20 +70,16 @@ class ModelShard:
         self.params = np.zeros(sum(sizes), model.dtype)
         self.grads = np.zeros_like(self.params)
         self.index = np.zeros(sum(sizes), np.int64)
-        offset, partial = 0, []
-        for layer, (vals, idx) in zip(self.layers, taken, strict=True):
-            p_views, g_views = {}, {}
+        partial = []
+        for layer, (vals, idx), spans in zip(self.layers, taken, self._bind(self.params,
+                                                                            self.grads),
+                                             strict=True):
             summed = megatron.partial_params(layer) if sequence_parallel else ()
-            for name, shape in layer.param_shapes().items():
-                size = int(np.prod(shape))
-                p_views[name] = self.params[offset:offset + size].reshape(shape)
-                g_views[name] = self.grads[offset:offset + size].reshape(shape)
-                p_views[name][...] = vals[name]
-                self.index[offset:offset + size] = idx[name].ravel()
+            for name, span in spans.items():
+                layer.params[name][...] = vals[name]
+                self.index[span] = idx[name].ravel()
                 if name in summed:
-                    partial.append(np.arange(offset, offset + size))
-                offset += size
-            layer.bind(p_views, g_views)
+                    partial.append(np.arange(span.start, span.stop))
         self.partial = np.concatenate(partial) if partial else np.zeros(0, np.int64)
         self.criterion = model.criterion if stop == len(model.layers) else None
         if self.criterion is not None and isinstance(self.layers[-1], VocabParallelHead):
@@ -128,16 +124,23 @@ class ModelShard:
         `self.params`: slices of a buffer several shards share, parallel.chunks.StageChunks);
         every layer's views follow, in the same layout (layer by layer, param_shapes order)."""
         params[...], grads[...] = self.params, self.grads
-        offset = 0
-        for layer in self.layers:
-            p_views, g_views = {}, {}
-            for name, shape in layer.param_shapes().items():
-                size = int(np.prod(shape))
-                p_views[name] = params[offset:offset + size].reshape(shape)
-                g_views[name] = grads[offset:offset + size].reshape(shape)
-                offset += size
-            layer.bind(p_views, g_views)
+        self._bind(params, grads)
         self.params, self.grads = params, grads
+
+    def _bind(self, params, grads):
+        """Bind every layer to views of the 1-D `params` and `grads`, layer after layer, each in
+        param_shapes order; returns per layer {name: its slice of the buffers}."""
+        offset, spans = 0, []
+        for layer in self.layers:
+            p_views, g_views, mine = {}, {}, {}
+            for name, shape in layer.param_shapes().items():
+                span = slice(offset, offset + int(np.prod(shape)))
+                p_views[name] = params[span].reshape(shape)
+                g_views[name] = grads[span].reshape(shape)
+                mine[name], offset = span, span.stop
+            layer.bind(p_views, g_views)
+            spans.append(mine)
+        return spans
 
 
 def activation_bytes(state):

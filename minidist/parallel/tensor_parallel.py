@@ -244,9 +244,12 @@ def block_bytes(n, d_in, d_hidden, d_out, t, itemsize=8, first=True, algorithm="
 
 
 def check_options(options):
-    if options.get("algorithm", "auto") not in ALGORITHMS:
-        raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
-                         f"allowed: {', '.join(ALGORITHMS)}")
+    allowed = [name for name in ALGORITHMS if name != "native"]
+    if options.get("algorithm", "auto") not in allowed:
+        raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r} for model "
+                         f"parallelism; allowed: {', '.join(allowed)} (not 'native': the tp, pp "
+                         f"and dp groups are sub-communicators, which have no native "
+                         f"collectives; 'auto' runs the ring on them)")
     sequence = options.get("sequence_parallel", False)
     if not isinstance(sequence, (bool, np.bool_)):
         raise TypeError(f"sequence_parallel must be True or False, got {sequence!r}")
