@@ -6,7 +6,10 @@ prints as ✔ or ✘ with the reason, and is truthy when passed. One module per 
 
     gradient_descent (1) · gpu_kernels (2) · collectives (3) · distributed_gd (4) ·
     data_parallel (5) · parameter_server (6) · model_parallel (7) · compression (8) · planning (9) ·
-    transformers (10) · sharding (11)
+    transformers (10) · sharding (11) · parallel_transformers (12)
+
+Lessons 1–11 show worked solutions at their end; from lesson 12 on, the reference solutions
+live in `minidist.exercises.solutions`, for instructors, and not on the lesson's page.
 """
 
 from minidist.exercises._common import Check
@@ -26,6 +29,7 @@ from minidist.exercises.model_parallel import (
                                                  check_row_parallel_backward,
                                                  check_tensor_parallel_params,
 )
+from minidist.exercises.parallel_transformers import check_attention_take, check_interleaved_ops
 from minidist.exercises.parameter_server import check_server_traffic, check_ssp_rule
 from minidist.exercises.planning import check_model_states, check_pipeline_compute
 from minidist.exercises.sharding import check_bucket_hooks, check_zero1_step
@@ -38,5 +42,5 @@ __all__ = [
     "check_bubble_fraction", "check_tensor_parallel_params", "check_topk_error_feedback",
     "check_qsgd_codes", "check_model_states", "check_pipeline_compute",
     "check_causal_attention", "check_layernorm_backward", "check_zero1_step",
-    "check_bucket_hooks",
+    "check_bucket_hooks", "check_attention_take", "check_interleaved_ops",
 ]
