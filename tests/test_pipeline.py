@@ -114,3 +114,13 @@ def test_bad_pipeline_jobs_are_named(problem, options, match):
     with pytest.raises(ValueError, match=match):
         train(model_fn, X, y, strategy="pipeline", backend="thread", steps=1, batch_size=30,
               **options)
+
+
+def test_a_deadlocked_timeline_says_who_waits_for_what(monkeypatch):
+    from minidist.parallel import pipeline
+
+    monkeypatch.setattr(pipeline, "schedule_ops", lambda *args: [("B", 0), ("F", 0)])
+    with pytest.raises(RuntimeError, match=r"schedule '1f1b' deadlocks with 1 stages: stage 0 "
+                       r"waits at its op 0, \('B', 0, 0\), for the forward of micro-batch 0 "
+                       r"through global chunk 0"):
+        pipeline.simulate("1f1b", 1, 1)

@@ -30,3 +30,36 @@ def _call(name, fn, *args, convert=lambda result: np.asarray(result, dtype=np.fl
         return convert(fn(*args)), None
     except Exception as exc:  # noqa: BLE001 - any error in learner code is reported, not raised
         return None, Check(name, False, f"your function raised {type(exc).__name__}: {exc}")
+
+
+def _check_timeout(timeout):
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+
+
+def _train(model_fn, X, y, timeout, **options):
+    """(History, None) or (None, why the run failed)."""
+    from minidist import train
+    from minidist.errors import CommTimeout, WorkerError
+
+    try:
+        return train(model_fn, X, y, backend="thread", timeout=timeout, **options), None
+    except CommTimeout as exc:
+        return None, f"the ranks hung (ended after {timeout} s): {exc}"
+    except WorkerError as exc:
+        return None, f"a rank raised {exc.exc_type}: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # noqa: BLE001 - learner code: report, never raise
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _differs(hist, single):
+    """None if hist is single's training (1e-10), else where it first left it."""
+    loss = np.abs(np.asarray(hist.loss) - single.loss)
+    if np.all(loss <= 1e-10 * np.abs(single.loss)) and np.allclose(
+            hist.params, single.params, rtol=0, atol=1e-10):
+        return None
+    bad = np.flatnonzero(loss > 1e-10 * np.abs(single.loss))
+    if len(bad):
+        return f"the run's loss differs from single at step {bad[0]} by {loss[bad[0]]:.3g}"
+    return (f"the run's parameters differ from single's by up to "
+            f"{np.abs(hist.params - single.params).max():.3g}")

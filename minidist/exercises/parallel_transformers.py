@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from minidist.exercises._common import Check, _call
+from minidist.exercises._common import Check, _call, _check_timeout, _differs, _train
 
 V, T, D, HEADS = 11, 8, 16, 4  # the GPT of exercise 1: d_h = 4, two blocks, d_ff 4d
 GPT_RUN = {"steps": 3, "batch_size": 8, "lr": 0.1}
@@ -26,39 +26,6 @@ AXES = {"W_qkv": ("Q/K/V", "the heads", "d (its input rows)", "d_h (a head's wid
         "b_qkv": ("Q/K/V", "the heads", "d_h (a head's width)"),
         "W_o": ("the heads (its rows)", "d_h (a head's width)", "d (its output columns)"),
         "b_o": ("d",)}
-
-
-def _check_timeout(timeout):
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-
-
-def _train(model_fn, X, y, timeout, **options):
-    """(History, None) or (None, why the run failed)."""
-    from minidist import train
-    from minidist.errors import CommTimeout, WorkerError
-
-    try:
-        return train(model_fn, X, y, backend="thread", timeout=timeout, **options), None
-    except CommTimeout as exc:
-        return None, f"the ranks hung (ended after {timeout} s): {exc}"
-    except WorkerError as exc:
-        return None, f"a rank raised {exc.exc_type}: {str(exc).splitlines()[0]}"
-    except Exception as exc:  # noqa: BLE001 - learner code: report, never raise
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def _differs(hist, single):
-    """None if hist is single's training (1e-10), else where it first left it."""
-    loss = np.abs(np.asarray(hist.loss) - single.loss)
-    if np.all(loss <= 1e-10 * np.abs(single.loss)) and np.allclose(
-            hist.params, single.params, rtol=0, atol=1e-10):
-        return None
-    bad = np.flatnonzero(loss > 1e-10 * np.abs(single.loss))
-    if len(bad):
-        return f"the run's loss differs from single at step {bad[0]} by {loss[bad[0]]:.3g}"
-    return (f"the run's parameters differ from single's by up to "
-            f"{np.abs(hist.params - single.params).max():.3g}")
 
 
 # ----- exercise 1: the head split of attention ----------------------------------------------
@@ -256,36 +223,6 @@ def _order_problem(ops, s, p, m, v):
     return None
 
 
-def _needs(op, s, p, last):
-    """What op needs from another chunk, as (kind, global chunk, micro-batch), or None."""
-    kind, j, c = op
-    g = c * p + s
-    if kind == "F":
-        return ("F", g - 1, j) if g > 0 else None
-    return ("B", g + 1, j) if g < last else ("F", g, j)
-
-
-def _stall(ops, p, v):
-    """Run the stages' lists by the ideal timeline's rules: None if all finish, else what
-    every stuck stage waits for."""
-    last, done, at, moved = p * v - 1, set(), [0] * p, True
-    while moved:
-        moved = False
-        for s in range(p):
-            while at[s] < len(ops[s]) and _needs(ops[s][at[s]], s, p, last) in {None} | done:
-                kind, j, c = ops[s][at[s]]
-                done.add((kind, c * p + s, j))
-                at[s], moved = at[s] + 1, True
-    waits = []
-    for s in range(p):
-        if at[s] < len(ops[s]):
-            kind, g, j = _needs(ops[s][at[s]], s, p, last)
-            waits.append(f"stage {s} waits at its op {at[s]}, {ops[s][at[s]]}, for the "
-                         f"{'forward' if kind == 'F' else 'backward'} of micro-batch {j} through "
-                         f"global chunk {g} (stage {g % p}'s local chunk {g // p})")
-    return "; ".join(waits) or None
-
-
 def _peaks(ops):
     """The most (micro-batch, chunk) activations each stage holds at once."""
     return [int(np.max(np.cumsum([1 if op[0] == "F" else -1 for op in stage]))) for stage in ops]
@@ -325,12 +262,13 @@ def check_interleaved_ops(fn, cases=((2, 4, 2), (2, 2, 2), (4, 8, 2), (3, 6, 3))
                 return Check(name, False, problem)
             ops.append([(op[0], int(op[1]), int(op[2])) for op in got])
         where = f"p = {p}, m = {m}, v = {v}"
-        stall = _stall(ops, p, v)
-        if stall:
-            return Check(name, False, f"{where}: your order deadlocks: {stall}")
         with interleaved_schedule(fn):
-            bubble = float(bubble_fraction(pipeline.simulate("interleaved_1f1b", p, m,
-                                                             chunks=v))[0])
+            try:
+                events = pipeline.simulate("interleaved_1f1b", p, m, chunks=v)
+            except RuntimeError as exc:  # the ideal timeline says who waits for what
+                return Check(name, False, f"{where}: your order deadlocks: "
+                                          f"{str(exc).split(' stages: ', 1)[1]}")
+        bubble = float(bubble_fraction(events)[0])
         formula = pipeline.bubble_formula(p, m, v)
         if bubble > formula + 1e-9:
             return Check(name, False, f"{where}: on the ideal timeline your order idles "

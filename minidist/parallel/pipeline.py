@@ -68,6 +68,28 @@ def _virtual_ops(schedule, stage, stages, micro_batches, chunks):
     return [(*op, 0)[:3] for op in schedule_ops(schedule, stage, stages, micro_batches, chunks)]
 
 
+def _needs(op, j, g, last):
+    """What op ("F" or "B") of micro-batch j on global chunk g needs first, as (kind, global
+    chunk, micro-batch), or None: the input from chunk g−1, or the gradient from chunk g+1 (the
+    last chunk: its own forward)."""
+    if op == "F":
+        return ("F", g - 1, j) if g > 0 else None
+    return ("B", g + 1, j) if g < last else ("F", g, j)
+
+
+def _waits(ops, position, done, p, last):
+    """What every stuck stage of a deadlocked timeline waits for, in words."""
+    waits = []
+    for s in range(p):
+        if position[s] < len(ops[s]):
+            op, j, c = ops[s][position[s]]
+            kind, g, _ = _needs(op, j, c * p + s, last)
+            waits.append(f"stage {s} waits at its op {position[s]}, {(op, j, c)}, for the "
+                         f"{'forward' if kind == 'F' else 'backward'} of micro-batch {j} "
+                         f"through global chunk {g} (stage {g % p}'s local chunk {g // p})")
+    return "; ".join(waits)
+
+
 def check_chunks(schedule, chunks):
     """schedule must be one of SCHEDULES; chunks an integer >= 1, above 1 only interleaved."""
     if schedule not in SCHEDULES:
@@ -107,8 +129,7 @@ def simulate(schedule, stages, micro_batches, forward=1.0, backward=2.0, send=0.
                 continue
             op, j, c = ops[s][position[s]]
             g = c * p + s  # the global chunk (virtual stage)
-            need = (("F", g - 1, j) if op == "F" and g > 0 else ("B", g + 1, j) if op == "B"
-                    and g < last else ("F", g, j) if op == "B" else None)
+            need = _needs(op, j, g, last)
             if need is not None and need not in done:
                 continue
             ready = 0.0 if need is None else done[need] + (send if need[1] % p != s else 0.0)
@@ -119,7 +140,8 @@ def simulate(schedule, stages, micro_batches, forward=1.0, backward=2.0, send=0.
             position[s] += 1
             progressed = True
         if not progressed:
-            raise RuntimeError(f"schedule {schedule!r} deadlocks with {stages} stages")
+            raise RuntimeError(f"schedule {schedule!r} deadlocks with {stages} stages: "
+                               + _waits(ops, position, done, p, last))
     return events
 
 
