@@ -32,6 +32,7 @@ ALGORITHMS = {  # the algorithms written in collectives.py; the first is the def
     "gather": ("direct",),
     "scatter": ("direct",),
     "barrier": ("dissemination",),
+    "all_to_all": ("pairwise",),
 }
 BUS_FACTOR = {  # busBW = algBW × factor(p)  (NCCL tests)
     "all_reduce": lambda p: 2 * (p - 1) / p,
@@ -39,6 +40,7 @@ BUS_FACTOR = {  # busBW = algBW × factor(p)  (NCCL tests)
     "reduce_scatter": lambda p: (p - 1) / p,
     "gather": lambda p: (p - 1) / p,
     "scatter": lambda p: (p - 1) / p,
+    "all_to_all": lambda p: (p - 1) / p,
     "broadcast": lambda p: 1.0,
     "reduce": lambda p: 1.0,
     "send": lambda p: 1.0,
@@ -107,6 +109,12 @@ def _traffic(collective, algorithm, count, itemsize, p, root):
         # all-gather: send every chunk but my right's, receive every chunk but my own
         return [(s + n - chunk[(r + 1) % p], g + n - chunk[r], 2 * (p - 1))
                 for r, (s, g) in enumerate(rs)]
+    if collective == "all_to_all":  # rows split into p chunks as data.shard_bounds splits them
+        if not shape:
+            raise ValueError("all_to_all needs an array with at least one axis")
+        rows = [hi - lo for lo, hi in (shard_bounds(shape[0], c, p) for c in range(p))]
+        row = n // shape[0] if shape[0] else 0
+        return [(s, g, p - 1) for s, g in all_to_all_bytes([rows] * p, row)]
     if collective == "gather":  # n: one rank's contribution
         return [(0, (p - 1) * n, 0) if r == root else (n, 0, 1) for r in range(p)]
     if collective == "scatter":  # n: one rank's row of the root's (p, ...) array
@@ -118,11 +126,12 @@ def bytes_per_rank(collective, algorithm, count, itemsize, world_size, root=0):
     """[(bytes sent, bytes received)] for each rank, exactly as `comm.stats` counts them.
 
     count: elements in the array each rank passes, or its shape (all_gather, gather: one rank's
-    contribution; scatter: one rank's row). For reduce_scatter pass the shape: it splits rows
-    of axis 0 (an int means that many rows of one element). Chunks are uneven as in
-    `data.shard_bounds`. Ring all-reduce, rank r, chunk sizes c_k (bytes, Σ c_k = n):
+    contribution; scatter: one rank's row). For reduce_scatter and all_to_all pass the shape:
+    they split rows of axis 0 (an int means that many rows of one element); all_to_all sends
+    chunk j of every rank's rows to rank j (ragged chunks: `all_to_all_bytes`). Chunks are
+    uneven as in `data.shard_bounds`. Ring all-reduce, rank r, chunk sizes c_k (bytes, Σ c_k = n):
     sent = (n − c_r) + (n − c_{r+1}), received = (n − c_{r−1}) + (n − c_r); 2(p−1)/p·n each
-    when p divides n.
+    when p divides n. All-to-all: sent = n − c_r, received = (p−1)·c_r.
     """
     algorithm = _check(collective, algorithm, world_size)
     return [(s, g) for s, g, _ in _traffic(collective, algorithm, count, int(itemsize),
@@ -134,6 +143,28 @@ def messages_per_rank(collective, algorithm, count, itemsize, world_size, root=0
     algorithm = _check(collective, algorithm, world_size)
     return [m for _, _, m in _traffic(collective, algorithm, count, int(itemsize),
                                       int(world_size), int(root) % int(world_size))]
+
+
+def all_to_all_bytes(sizes, itemsize):
+    """[(bytes sent, bytes received)] for each rank of an all_to_all in which rank i sends
+    `sizes[i][j]` elements to rank j (a p × p matrix; its diagonal stays home), exactly as
+    `comm.stats` counts them on every backend and algorithm (pairwise: in p−1 messages):
+
+        sent_r = b·Σ_{j≠r} sizes[r][j],   received_r = b·Σ_{i≠r} sizes[i][r]   (b = itemsize)
+    """
+    try:
+        m = np.array(sizes)
+    except ValueError:  # ragged rows
+        m = np.zeros(0)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.size == 0 or m.dtype.kind not in "iu" \
+            or (m < 0).any():
+        raise ValueError(f"sizes must be a p × p matrix of element counts >= 0 (sizes[i][j]: "
+                         f"what rank i sends to rank j), got {sizes!r}")
+    if not isinstance(itemsize, (int, np.integer)) or itemsize < 0:
+        raise ValueError(f"itemsize must be an integer >= 0 (bytes per element), got {itemsize!r}")
+    moved = m.astype(object) * int(itemsize)  # Python ints: no overflow
+    np.fill_diagonal(moved, 0)
+    return [(int(s), int(g)) for s, g in zip(moved.sum(1), moved.sum(0), strict=True)]
 
 
 def zero_bytes_per_rank(stage, unit_sizes, itemsize, world_size, rank=0):
@@ -179,6 +210,7 @@ def time(collective, algorithm, nbytes, world_size, alpha, beta, gamma=0.0):
         broadcast   tree                L(α + nβ)
         reduce      tree                L(α + nβ + nγ)
         all_gather  ring                (p−1)α + n(p−1)/p·β
+        all_to_all  pairwise            (p−1)α + n(p−1)/p·β           (n: one rank's chunks)
         reduce_scatter ring             (p−1)α + n(p−1)/p·(β + γ)
         gather, scatter                 (p−1)α + n(p−1)/p·β           (the root, serialized)
         barrier     dissemination       Lα
@@ -203,7 +235,7 @@ def time(collective, algorithm, nbytes, world_size, alpha, beta, gamma=0.0):
         return (p - 1) * a + part * (b + g)
     if collective == "barrier":
         return L * a
-    return (p - 1) * a + part * b  # all_gather, gather, scatter
+    return (p - 1) * a + part * b  # all_gather, gather, scatter, all_to_all
 
 
 def alg_bandwidth(nbytes, seconds):
@@ -213,8 +245,8 @@ def alg_bandwidth(nbytes, seconds):
 
 def bus_bandwidth(collective, nbytes, seconds, world_size):
     """busBW = algBW × 2(p−1)/p for all-reduce, × (p−1)/p for all-gather, reduce-scatter,
-    gather, scatter, × 1 for broadcast, reduce and send: comparable with the link's speed.
-    n as in `time` (the all-gather's output, the reduce-scatter's input)."""
+    gather, scatter, all-to-all, × 1 for broadcast, reduce and send: comparable with the link's
+    speed. n as in `time` (the all-gather's output, the reduce-scatter's input)."""
     if collective not in BUS_FACTOR:
         raise ValueError(f"no bus bandwidth for {collective!r}; allowed: {', '.join(BUS_FACTOR)}")
     return alg_bandwidth(nbytes, seconds) * BUS_FACTOR[collective](int(world_size))
@@ -340,7 +372,9 @@ def measure_collective(collective, algorithm, nbytes, world_size, backend="proce
     return statistics.median(np.max(per_rank, axis=0))
 
 
-# A Megatron-split GPT's bytes per rank and step (minidist.megatron_cost) and the planner
-# (memory and step time of every dp × tp × pp layout) live in their own modules.
+# A Megatron-split GPT's bytes per rank and step (minidist.megatron_cost), a context-parallel
+# one's (minidist.context_cost) and the planner (memory and step time of every dp × tp × pp
+# layout) live in their own modules.
+from minidist.context_cost import context_parallel_bytes_per_rank  # noqa: E402, F401
 from minidist.megatron_cost import megatron_bytes_per_rank  # noqa: E402, F401
 from minidist.planner import Layout, Plan, estimate, plan  # noqa: E402, F401

@@ -41,6 +41,9 @@ def layer_parts(model, tp=1, rank=0, layers=None, seq_len=None, sequence_paralle
 
     if not all(hasattr(model, name) for name in ("n_layers", "vocab_size", "layers")):
         raise ValueError(f"model must be a GPT (minidist.nn.gpt), got {model!r}")
+    if getattr(model, "n_experts", None):
+        raise ValueError("the Megatron formulas count dense GPT blocks; a mixture-of-experts "
+                         "GPT is not split by tensor parallelism")
     t, n = _count("tp", tp), len(model.layers)
     if not (is_integer(rank) and 0 <= rank < t):
         raise ValueError(f"rank must be an integer in [0, {t}) for tp={t}, got {rank!r}")

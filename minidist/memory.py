@@ -18,6 +18,10 @@ activations per rank from minidist.megatron_memory, re-exported too).
 
 import numpy as np
 
+from minidist.context_memory import (  # noqa: F401  (re-exported: a context-parallel GPT's)
+    context_activation_bytes,
+    context_activation_elements,
+)
 from minidist.errors import OutOfMemory
 from minidist.megatron_memory import (  # noqa: F401  (re-exported, as zero_memory's are)
     INT64_PARTS,  # the parts of gpt_activation_elements kept as int64, too
@@ -200,6 +204,10 @@ def gpt_activation_elements(N, T, model):
     rebuilds the rest, one block at a time, inside backward. Also: the tokens N·T, the final
     LayerNorm N·T·d + N·T, the head's input N·T·d and the loss's probabilities N·T·V and labels
     N·T."""
+    if getattr(model, "n_experts", None):
+        raise ValueError("gpt_activation_elements counts a dense GPT's blocks; this model's "
+                         "blocks are mixtures of experts (minidist.nn.moe), whose activations "
+                         "depend on the routing")
     d, H = model.d_model, model.n_heads
     block = N * T * d if model.recompute else (
         8 * N * T * d + 2 * N * T * model.d_ff + H * N * T * T + 2 * N * T)

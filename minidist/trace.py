@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 COMPUTE = ("forward", "backward")
-COMM = ("send", "recv", "all_reduce", "all_gather", "reduce_scatter", "broadcast")
+COMM = ("send", "recv", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 KINDS = (*COMPUTE, *COMM, "optimizer", "idle")
 
 

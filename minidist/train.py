@@ -11,7 +11,15 @@ import numpy as np
 
 from minidist import data, kernels, memory, optim
 from minidist.arguments import check_arguments
-from minidist.parallel import data_parallel, distributed_gd, hybrid, pipeline, tensor_parallel, zero
+from minidist.parallel import (
+    context_parallel,
+    data_parallel,
+    distributed_gd,
+    hybrid,
+    pipeline,
+    tensor_parallel,
+    zero,
+)
 from minidist.parallel.job import Job
 from minidist.precision import LOSS_SCALE, MixedPrecision
 from minidist.ps import training as parameter_server
@@ -28,11 +36,13 @@ STRATEGIES = {
     "pipeline": (hybrid.pipeline_worker, pipeline.OPTIONS, pipeline.check_options),
     "hybrid": (hybrid.worker, hybrid.OPTIONS, hybrid.check_options),
     "zero": (zero.worker, zero.OPTIONS, zero.check_options),
+    "context_parallel": (context_parallel.worker, context_parallel.OPTIONS,
+                         context_parallel.check_options),
 }
 # strategy -> check(model_fn, workers, batch_size, options, data_shape): shapes that cannot be split
 JOB_CHECKS = {"tensor_parallel": hybrid.check_tensor_parallel,
               "pipeline": hybrid.check_pipeline, "hybrid": hybrid.check_job,
-              "zero": zero.check_model}
+              "zero": zero.check_model, "context_parallel": context_parallel.check_job}
 
 
 @dataclass

@@ -5,7 +5,7 @@ from minidist.trace import COMM, origin
 COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "optimizer": "#8172b3",
           "send": "#55a868", "recv": "#a1d99b", "all_reduce": "#c44e52",
           "all_gather": "#937860", "reduce_scatter": "#da8bc3", "broadcast": "#64b5cd",
-          "idle": "#eeeeee"}
+          "all_to_all": "#8c8c3c", "idle": "#eeeeee"}
 # (top, height) of a row's two lanes, from the rank's row centre (the y axis points down):
 # compute (and idle) above, communication in a thin lane beneath, so an all-reduce running
 # under a backward bar shows the overlap

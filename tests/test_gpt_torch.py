@@ -11,12 +11,20 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 
-def torch_gpt_logits(model, flat, tokens):
+def torch_mlp(p, prefix, h):
+    """GELU(h W_fc + b_fc) W_proj + b_proj, the weights p[prefix + ".fc.W"] etc."""
+    h = F.gelu(h @ p[f"{prefix}.fc.W"] + p[f"{prefix}.fc.b"], approximate="tanh")
+    return h @ p[f"{prefix}.proj.W"] + p[f"{prefix}.proj.b"]
+
+
+def torch_gpt_logits(model, flat, tokens, ffn=None):
     """GPT-2's forward in torch ops (F.scaled_dot_product_attention with its causal mask, the
-    tanh GELU, F.layer_norm), reading every weight from `flat` by its name in model.slices."""
+    tanh GELU, F.layer_norm), reading every weight from `flat` by its name in model.slices.
+    ffn(p, i, h): block i's feed-forward output for its input h (default: the dense MLP)."""
     shapes = {f"{i}.{name}": shape for i, layer in enumerate(model.layers)
               for name, shape in layer.param_shapes().items()}
     p = {name: flat[part].view(shapes[name]) for name, part in model.slices.items()}
+    ffn = ffn or (lambda p, i, h: torch_mlp(p, f"{i}.mlp", h))
     T = tokens.shape[1]
     x = p["0.wte"][tokens] + p["0.wpe"][:T]
     for i in range(1, model.n_layers + 1):
@@ -27,8 +35,7 @@ def torch_gpt_logits(model, flat, tokens):
         heads = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + torch.einsum("nhte,hed->ntd", heads, p[f"{i}.attn.W_o"]) + p[f"{i}.attn.b_o"]
         h = F.layer_norm(x, (model.d_model,), p[f"{i}.ln2.gamma"], p[f"{i}.ln2.beta"], 1e-5)
-        h = F.gelu(h @ p[f"{i}.mlp.fc.W"] + p[f"{i}.mlp.fc.b"], approximate="tanh")
-        x = x + h @ p[f"{i}.mlp.proj.W"] + p[f"{i}.mlp.proj.b"]
+        x = x + ffn(p, i, h)
     last = model.n_layers + 1
     x = F.layer_norm(x, (model.d_model,), p[f"{last}.gamma"], p[f"{last}.beta"], 1e-5)
     return x @ p[f"{last + 1}.W"] + p[f"{last + 1}.b"]

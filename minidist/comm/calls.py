@@ -6,11 +6,12 @@ contribution; for scatter only the root passes an array, so only the root and th
 So that no rank computes with bytes it misreads, each message inside a collective carries its
 sender's call as CALL_BYTES of text, which the receiver compares with its own; native paths
 compare 8-byte digests in shared memory or through MPI, and read the texts only to say who
-called what.
+called what. `CollectiveCall` is the context a Communicator runs each collective in.
 """
 
 import functools
 import hashlib
+import time
 
 import numpy as np
 
@@ -51,3 +52,38 @@ def describe(name, dtype, shape, details):
     if dtype is not None:
         text += f" on {'an' if dtype.name[0] == 'i' else 'a'} {dtype} array of shape {shape}"
     return Call(text)
+
+
+class CollectiveCall:
+    """`with CollectiveCall(comm, name, array, details)`: one collective call on `comm`: wait for
+    its async ops, describe it (comm._call), check it (debug mode), count and time it. A
+    collective built from others counts as one (a class: cheaper than @contextmanager)."""
+
+    __slots__ = ("comm", "name", "array", "details", "start", "outer")
+
+    def __init__(self, comm, name, array, details):
+        self.comm, self.name, self.array, self.details = comm, name, array, details
+
+    def __enter__(self):
+        comm, array = self.comm, self.array
+        if comm._queue.busy:
+            comm._queue.settle(self.name, comm.timeout)
+        self.outer = comm._op is None  # a collective built from others counts as one
+        if self.outer:
+            comm._seq += 1
+            comm._call = describe(self.name, None, None, self.details) if array is None \
+                else describe(self.name, array.dtype, array.shape, self.details)
+            if comm.debug:
+                comm._check_fingerprint()
+            comm._op = self.name
+            self.start = time.perf_counter()
+            comm.stats[self.name].calls += 1
+            comm._set_status(comm._call.text)
+
+    def __exit__(self, *exc):
+        if self.outer:
+            comm = self.comm
+            comm._op = None
+            comm.stats[self.name].seconds += time.perf_counter() - self.start
+            if exc[0] is None:  # on an error the status keeps saying where the rank was
+                comm._returned(self.name)

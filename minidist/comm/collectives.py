@@ -10,6 +10,7 @@ p = comm.world_size ranks, n = the array's size. Costs in the α-β-γ model (α
     all_reduce_recursive_doubling   lg p(α + nβ + nγ)   (+2 steps when p is not a power of 2)
     all_reduce_ring           2(p−1)α + 2n(p−1)/p·β + n(p−1)/p·γ   (bandwidth-optimal)
     all_gather_ring           (p−1)α + n(p−1)β      (n = one rank's contribution)
+    all_to_all_pairwise       (p−1)α + Σ_{j≠r} n_j·β   (n_j = the chunk rank r sends to rank j)
 
 `send` never waits for the receiver, so "everyone sends, then everyone receives" cannot deadlock.
 """
@@ -180,6 +181,26 @@ def reduce_scatter_ring(comm, array, op):
     mine = work[start:stop].copy()
     _finish(mine, op, comm.world_size)
     return mine
+
+
+def all_to_all_pairwise(comm, chunks):
+    """Pairwise exchange: in round k = 1 … p−1, send chunks[r+k] to rank r+k and receive rank
+    r−k's chunk for me (mod p): p−1 messages, Σ_{j≠r} bytes of chunks[j]. Every rank sends
+    first, which cannot deadlock: send does not wait for the receiver."""
+    p, r = comm.world_size, comm.rank
+    out = [None] * p
+    out[r] = chunks[r].copy()
+    for k in range(1, p):
+        comm.send(chunks[(r + k) % p], (r + k) % p)
+        out[(r - k) % p] = comm.recv((r - k) % p)
+    return out
+
+
+def exchanged_bytes(rank, sent, received):
+    """(Σ_{j≠r} bytes of sent[j], Σ_{i≠r} bytes of received[i]): what an all-to-all moves at
+    rank r, the count every path of it records (the own chunk never leaves the rank)."""
+    return tuple(sum(a.nbytes for i, a in enumerate(arrays) if i != rank)
+                 for arrays in (sent, received))
 
 
 def gather(comm, array, dst):

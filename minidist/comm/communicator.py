@@ -14,8 +14,9 @@ dtype and shape), always, for a few bytes: each message sent inside a collective
 sender's call (calls.py: a short text in the header), and `recv` compares it with its own;
 native paths compare the calls' digests through shared memory (or MPI) before touching any data.
 
-Async ops (`async_op=True` on all_reduce, broadcast, all_gather, reduce_scatter) run the same
-code on the rank's progress thread (work.py); every blocking call first waits for them.
+Async ops (`async_op=True` on all_reduce, broadcast, all_gather, reduce_scatter, all_to_all)
+run the same code on the rank's progress thread (work.py); every blocking call first waits for
+them. Split groups are `SubCommunicator`s (subcommunicator.py).
 """
 
 import functools
@@ -25,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from minidist.comm import collectives
-from minidist.comm.calls import NO_CALL, Call, describe
+from minidist.comm.calls import NO_CALL, Call, CollectiveCall
 from minidist.comm.stats import Stats
 from minidist.comm.work import AsyncOps, Progress
 from minidist.data import shard_bounds
@@ -60,6 +61,29 @@ def check_buffer(array, what):
     if not is_numeric(array.dtype):
         raise ValueError(f"{what} needs a numeric dtype, got {array.dtype}")
     return array
+
+
+def check_chunks(chunks, world_size):
+    """all_to_all's chunks: a list (or tuple) of world_size buffers (check_buffer) with at least
+    one axis, all of one dtype and one row shape (shape[1:]); only the rows may differ.
+    Returns (the chunks as a new list, their dtype, their row shape)."""
+    if not isinstance(chunks, (list, tuple)):
+        raise TypeError(f"all_to_all needs a list of world_size={world_size} arrays (chunk j "
+                        f"goes to rank j), got {type(chunks).__name__}")
+    if len(chunks) != world_size:
+        raise ValueError(f"all_to_all needs one chunk per rank, world_size={world_size}, got "
+                         f"{len(chunks)} chunks")
+    first = chunks[0]
+    for j, chunk in enumerate(chunks):
+        check_buffer(chunk, f"all_to_all chunk {j}")
+        if chunk.ndim == 0:
+            raise ValueError(f"all_to_all chunk {j} needs at least one axis (rows), got a 0-d "
+                             f"array; pass x.reshape(1)")
+        if chunk.dtype != first.dtype or chunk.shape[1:] != first.shape[1:]:
+            raise ValueError(f"all_to_all chunks must share one dtype and row shape (only the "
+                             f"first axis may differ): chunk 0 is {first.dtype} {first.shape}, "
+                             f"chunk {j} is {chunk.dtype} {chunk.shape}")
+    return list(chunks), first.dtype, first.shape[1:]
 
 
 class Communicator(AsyncOps):
@@ -202,7 +226,7 @@ class Communicator(AsyncOps):
     def _collective(self, name, array=None, *details):
         """`with self._collective(...)`: describe, count, time and (in debug mode) fingerprint
         one call. `details`: (argument, value) pairs that all ranks must pass alike."""
-        return _CollectiveCall(self, name, array, details)
+        return CollectiveCall(self, name, array, details)
 
     def _check_fingerprint(self):
         """Debug mode: rank 0 compares every rank's (sequence number, call) first, so ranks
@@ -313,6 +337,22 @@ class Communicator(AsyncOps):
                 return run(array, op)
         return self._start("reduce_scatter", body, async_op)
 
+    def all_to_all(self, chunks, algorithm="auto", async_op=False):
+        """Send chunks[j] to rank j; returns the list of arrays received, item i from rank i
+        (item `rank`: a copy of my own chunk; async_op: a Work whose wait() returns the list).
+        Chunks may differ in rows (axis 0), per destination and per rank, but every chunk of
+        every rank must have the same dtype and row shape. Rank r sends Σ_{j≠r} bytes of
+        chunks[j]. algorithm: "pairwise" (collectives.py) or "native" ("auto" prefers it)."""
+        chunks, dtype, row = check_chunks(chunks, self.world_size)
+        run, how = self._algorithm("all_to_all", algorithm, ("pairwise", "native", "auto"),
+                                   "pairwise")
+        rows = f"{dtype} of shape ({', '.join(['*', *map(str, row)])})"  # what all ranks share
+
+        def body():
+            with self._collective("all_to_all", None, ("algorithm", how), ("chunks", rows)):
+                return run(chunks)
+        return self._start("all_to_all", body, async_op)
+
     def gather(self, array, dst=0):
         """Rank dst gets every rank's array stacked by rank; other ranks get None."""
         check_buffer(array, "gather")
@@ -350,70 +390,13 @@ class Communicator(AsyncOps):
                    if c == color]
         self._splits += 1
         context = (self.context * 1_000_003 + self._splits) % 2**31
+        from minidist.comm.subcommunicator import SubCommunicator  # (it imports this module)
+
         return SubCommunicator(self, members, context)
 
     def _check_root(self, root, name):
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.world_size:
             raise ValueError(f"{name} must be a rank in [0, {self.world_size}), got {root!r}")
-
-
-class _CollectiveCall:
-    """The context of one collective call (a class: cheaper than @contextmanager)."""
-
-    __slots__ = ("comm", "name", "array", "details", "start", "outer")
-
-    def __init__(self, comm, name, array, details):
-        self.comm, self.name, self.array, self.details = comm, name, array, details
-
-    def __enter__(self):
-        comm, array = self.comm, self.array
-        if comm._queue.busy:
-            comm._queue.settle(self.name, comm.timeout)
-        self.outer = comm._op is None  # a collective built from others counts as one
-        if self.outer:
-            comm._seq += 1
-            comm._call = describe(self.name, None, None, self.details) if array is None \
-                else describe(self.name, array.dtype, array.shape, self.details)
-            if comm.debug:
-                comm._check_fingerprint()
-            comm._op = self.name
-            self.start = time.perf_counter()
-            comm.stats[self.name].calls += 1
-            comm._set_status(comm._call.text)
-
-    def __exit__(self, *exc):
-        if self.outer:
-            comm = self.comm
-            comm._op = None
-            comm.stats[self.name].seconds += time.perf_counter() - self.start
-            if exc[0] is None:  # on an error the status keeps saying where the rank was
-                comm._returned(self.name)
-
-
-class SubCommunicator(Communicator):
-    """A group of the parent's ranks, renumbered 0..len(members)-1, with its own message space."""
-
-    def __init__(self, parent, members, context):
-        super().__init__(members.index(parent.rank), len(members), parent.timeout, parent.debug,
-                         context)
-        self.parent, self.members = parent, members
-        self.backend = parent.backend
-        self._queue = parent._queue  # one ordered stream of async ops per rank, over all groups
-
-    def _check_async(self):
-        self.parent._check_async()
-
-    def _transport_send(self, array, dst, tag, call):
-        self.parent._transport_send(array, self.members[dst], tag, call)
-
-    def _transport_recv(self, src, tag, timeout):
-        return self.parent._transport_recv(self.members[src], tag, timeout)
-
-    def _set_status(self, text):
-        self.parent._set_status(f"[group {self.members}] {text}")
-
-    def _returned(self, after):
-        self.parent._returned(f"{after} in group {self.members}")
 
 
 def deadline_error(what, timeout):

@@ -15,12 +15,13 @@ is part of) in front of the data. A receiver takes rank src's messages in order 
 for other tags until asked.
 Nothing blocks inside MPI: every wait polls a request (MPICommunicator._poll), so a waiting rank
 gives its core to a busy one (8 ranks on 2 cores) and every wait ends at its timeout. Native
-collectives are MPI's own (Iallreduce, Ibcast, Iallgather, Ireduce_scatter), checked first for a
-call that all ranks agree on (an all-gather of 8-byte digests), since MPI answers mismatched
-sizes with wrong numbers rather than an error.
+collectives are MPI's own (Iallreduce, Ibcast, Iallgather, Ireduce_scatter, Ialltoallv),
+checked first for a call that all ranks agree on (an all-gather of 8-byte digests), since MPI
+answers mismatched sizes with wrong numbers rather than an error.
 """
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -104,6 +105,11 @@ def _unpack(buf):
 def _as_bytes(array):
     """A byte view of a contiguous array: MPI moves any dtype's bytes for bcast and gather."""
     return array.reshape(-1).view(np.uint8)
+
+
+def _starts(sizes):
+    """Where each of `sizes` starts when they lie one after another: 0, s0, s0 + s1, …"""
+    return [0, *itertools.accumulate(sizes)][:-1]
 
 
 def _mpi_op(dtype, op):
@@ -285,6 +291,24 @@ class MPICommunicator(Communicator):
             chunk /= p
         self._count("reduce_scatter", *self._reduce_scatter_traffic(array), p - 1)
         return chunk
+
+    def _native_all_to_all(self, chunks):
+        """MPI's Ialltoall of the row counts first (a receiver must know what comes), then
+        Ialltoallv of the chunks' bytes, packed by destination; counted as pairwise counts."""
+        self._agree()
+        p, like = self.world_size, chunks[0]
+        row = like.itemsize * int(np.prod(like.shape[1:]))
+        sent_rows, got_rows = np.array([len(c) for c in chunks], np.int64), np.empty(p, np.int64)
+        self._set_status(f"all_to_all: MPI Ialltoall, Ialltoallv over {p} ranks")
+        self._wait(self.mpi.Ialltoall(sent_rows, got_rows))
+        send, sizes = ([n * row for n in rows.tolist()] for rows in (sent_rows, got_rows))
+        pack, got = np.concatenate([_as_bytes(c) for c in chunks]), np.empty(sum(sizes), np.uint8)
+        self._wait(self.mpi.Ialltoallv([pack, (send, _starts(send)), MPI.BYTE],
+                                       [got, (sizes, _starts(sizes)), MPI.BYTE]))
+        out = [got[d:d + n].view(like.dtype).reshape(rows, *like.shape[1:])
+               for d, n, rows in zip(_starts(sizes), sizes, got_rows.tolist(), strict=True)]
+        self._count("all_to_all", *collectives.exchanged_bytes(self.rank, chunks, out), p - 1)
+        return out
 
     def finish(self):
         """End of a run: wait (at most `timeout`) until every rank has finished and every message

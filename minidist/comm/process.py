@@ -5,7 +5,8 @@ to the destination when it fits, and otherwise hands a private copy to a feeder 
 streams it in as the receiver makes room; either way it returns at once. `recv` copies bytes out
 of the ring from the source, sleeping on a semaphore while the ring is empty. The native
 collectives skip messages altogether: every rank reduces its chunk (all-reduce, reduce-scatter)
-or copies what it needs (all-gather, broadcast) straight out of the other ranks' shared buffers.
+or copies what it needs (all-gather, broadcast, all-to-all) straight out of the other ranks'
+shared buffers.
 """
 
 import os
@@ -17,7 +18,7 @@ import numpy as np
 
 from minidist.comm import shm
 from minidist.comm.calls import CALL_BYTES, Call
-from minidist.comm.collectives import UFUNCS
+from minidist.comm.collectives import UFUNCS, exchanged_bytes
 from minidist.comm.communicator import Communicator, closing_error, deadline_error
 from minidist.comm.shm import attach
 from minidist.data import shard_bounds
@@ -221,23 +222,31 @@ class ProcessCommunicator(Communicator):
                 return index, address - start
         return None
 
+    def _peer_buffer(self, src):
+        """(rank src's segment holding its published buffer, the buffer's offset, its bytes)."""
+        index, offset, nbytes = self.published[src * 8:src * 8 + 3]
+        if (src, index) not in self.peer_segments:
+            self.peer_segments[(src, index)] = attach(f"{self.prefix}_r{src}_{index}")
+        return self.peer_segments[(src, index)].buf, offset, nbytes
+
     def _peer_view(self, src, like):
         """Rank src's published buffer, as an array shaped and typed like `like` (_meet has
         checked that src's call, so its dtype and shape, is ours)."""
-        index, offset, _ = self.published[src * 8:src * 8 + 3]
-        if (src, index) not in self.peer_segments:
-            self.peer_segments[(src, index)] = attach(f"{self.prefix}_r{src}_{index}")
-        buf = self.peer_segments[(src, index)].buf
+        buf, offset, _ = self._peer_buffer(src)
         return np.ndarray(like.shape, like.dtype, buf, offset)
+
+    def _scratch(self, nbytes):
+        """The first `nbytes` of this rank's shared scratch buffer (grown when too small)."""
+        if self.scratch is None or self.scratch.nbytes < nbytes:
+            self.scratch = self.alloc(max(nbytes, 1), np.uint8)
+        return self.scratch[:nbytes]
 
     def _publish(self, array, private=None):
         """Make `array` readable by the other ranks, copying it into shared scratch if needed
         (all but its rows private = (lo, hi), which only this rank reads)."""
         place = self._locate(array)
         if place is None:
-            if self.scratch is None or self.scratch.nbytes < array.nbytes:
-                self.scratch = self.alloc(max(array.nbytes, 1), np.uint8)
-            shared = self.scratch[: array.nbytes].view(array.dtype).reshape(array.shape)
+            shared = self._scratch(array.nbytes).view(array.dtype).reshape(array.shape)
             if private is None:
                 shared[...] = array
             else:
@@ -392,6 +401,37 @@ class ProcessCommunicator(Communicator):
             self._wait_all()
         moved = (self.world_size - 1) * array.nbytes
         self._count_native(sent=moved, received=moved)
+        return out
+
+    def _native_all_to_all(self, chunks):
+        """Each rank packs its chunks for the others into its shared scratch, after a header of
+        p int64 row counts (0 for its own), and publishes it; then every rank copies its chunk
+        out of every other rank's pack (at 8p + the bytes of the chunks before it)."""
+        p, r, like = self.world_size, self.rank, chunks[0]
+        row = like.itemsize * int(np.prod(like.shape[1:]))
+        counts = np.array([0 if j == r else len(c) for j, c in enumerate(chunks)], np.int64)
+        pack = self._scratch(8 * p + int(counts.sum()) * row)
+        pack[:8 * p] = counts.view(np.uint8)
+        at = 8 * p
+        for j, chunk in enumerate(chunks):
+            if j != r:
+                pack[at:at + chunk.nbytes] = chunk.reshape(-1).view(np.uint8)
+                at += chunk.nbytes
+        self._publish(pack)
+        self._meet()
+        out = []
+        for s in range(p):
+            if s == r:
+                out.append(chunks[r].copy())
+                continue
+            buf, offset, nbytes = self._peer_buffer(s)
+            theirs = np.ndarray(nbytes, np.uint8, buf, offset)
+            rows = theirs[:8 * p].view(np.int64)
+            start = 8 * p + int(rows[:r].sum()) * row
+            piece = theirs[start:start + int(rows[r]) * row].view(like.dtype)
+            out.append(piece.reshape(int(rows[r]), *like.shape[1:]).copy())
+        self._wait_all()  # nobody may overwrite its pack while others still read it
+        self._count_native(*exchanged_bytes(r, chunks, out))
         return out
 
 

@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from minidist.comm.collectives import UFUNCS
+from minidist.comm.collectives import UFUNCS, exchanged_bytes
 from minidist.comm.communicator import Communicator, deadline_error
 from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
@@ -168,6 +168,17 @@ class ThreadCommunicator(Communicator):
         self.world.slots[self.rank] = None
         moved = (self.world_size - 1) * array.nbytes
         self._count_native(sent=moved, received=moved)
+        return out
+
+    def _native_all_to_all(self, chunks):
+        """Every rank lends its list of chunks; each copies chunk `rank` out of every list."""
+        r, slots = self.rank, self.world.slots
+        slots[r] = chunks
+        self._meet()
+        out = [theirs[r].copy() for theirs in slots]
+        self._wait_all()  # nobody may change its chunks while others still copy them
+        slots[r] = None
+        self._count_native(*exchanged_bytes(r, chunks, out))
         return out
 
 

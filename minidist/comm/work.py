@@ -67,9 +67,10 @@ class Work:
 
     def wait(self, timeout=None):
         """The op's result (all_reduce, broadcast: the array, in place; all_gather: the stacked
-        array; reduce_scatter: this rank's chunk). Raises the op's error, of its type, naming
-        the op and the rank; CommTimeout if the op has not completed within `timeout` s
-        (default: the communicator's timeout); the op itself goes on."""
+        array; reduce_scatter: this rank's chunk; all_to_all: the list of arrays received).
+        Raises the op's error, of its type, naming the op and the rank; CommTimeout if the op
+        has not completed within `timeout` s (default: the communicator's timeout); the op
+        itself goes on."""
         progress = self._progress
         if self.finished is None:
             timeout = self._timeout if timeout is None else check_timeout(timeout)

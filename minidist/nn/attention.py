@@ -81,15 +81,21 @@ class CausalSelfAttention(Layer):
         qkv = qkv.reshape(N, T, 3, H, dh) + self.params["b_qkv"]
         # (3, N, H, T, d_h), one contiguous array: Q, K and V are views of it
         self.Q, self.K, self.V = np.ascontiguousarray(qkv.transpose(2, 0, 3, 1, 4))
-        scores = self.Q @ self.K.swapaxes(-1, -2) / math.sqrt(dh)  # (N, H, T, T)
+        heads = self.attend()  # (N, H, T, d_h): O_h for every head
+        self.O = np.ascontiguousarray(heads.transpose(0, 2, 1, 3)).reshape(N * T, H * dh)
+        return self.O
+
+    def attend(self):
+        """The core, softmax(Q_h K_hᵀ/√d_h + causal mask) V_h for every head, (N, H, T, d_h),
+        from self.Q, self.K, self.V; keeps P (a subclass may replace the core: ring attention)."""
+        T = self.Q.shape[-2]
+        scores = self.Q @ self.K.swapaxes(-1, -2) / math.sqrt(self.d_head)  # (N, H, T, T)
         scores[..., np.triu(np.ones((T, T), bool), k=1)] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)  # the diagonal is never masked: finite
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         self.P = scores
-        heads = self.P @ self.V  # (N, H, T, d_h): O_h for every head
-        self.O = np.ascontiguousarray(heads.transpose(0, 2, 1, 3)).reshape(N * T, H * dh)
-        return self.O
+        return self.P @ self.V
 
     def backward(self, dY):
         N, T, d = dY.shape
@@ -105,12 +111,7 @@ class CausalSelfAttention(Layer):
         ∂b_qkv and returns ∂X (N, T, d)."""
         N, T, d = X.shape
         H, dh = self.n_heads, self.d_head
-        dO = dO.reshape(N, T, H, dh).transpose(0, 2, 1, 3)  # (N, H, T, d_h)
-        dV = self.P.swapaxes(-1, -2) @ dO
-        dP = dO @ self.V.swapaxes(-1, -2)
-        dS = self.P * (dP - (dP * self.P).sum(axis=-1, keepdims=True)) / math.sqrt(dh)
-        dQ = dS @ self.K
-        dK = dS.swapaxes(-1, -2) @ self.Q
+        dQ, dK, dV = self.attend_backward(dO.reshape(N, T, H, dh).transpose(0, 2, 1, 3))
         # (3, N, H, T, d_h) → (N·T, 3·H·d_h): the rows and columns of the one QKV matmul
         dqkv = np.stack([dQ, dK, dV]).transpose(1, 3, 0, 2, 4).reshape(N * T, 3 * H * dh)
         X = X.reshape(N * T, d)
@@ -118,3 +119,10 @@ class CausalSelfAttention(Layer):
         self.grads["b_qkv"][...] = dqkv.sum(axis=0).reshape(3, H, dh)
         dX = dqkv @ self._qkv_matrix(self.params["W_qkv"]).T
         return dX.reshape(N, T, d)
+
+    def attend_backward(self, dO):
+        """(∂Q, ∂K, ∂V), each (N, H, T, d_h), from ∂O (N, H, T, d_h) through attend's P."""
+        dV = self.P.swapaxes(-1, -2) @ dO
+        dP = dO @ self.V.swapaxes(-1, -2)
+        dS = self.P * (dP - (dP * self.P).sum(axis=-1, keepdims=True)) / math.sqrt(self.d_head)
+        return dS @ self.K, dS.swapaxes(-1, -2) @ self.Q, dV

@@ -205,8 +205,10 @@ class MLP(Composite):
 class Block(Composite):
     """x + attn(ln1(x)), then x + mlp(ln2(x)): a pre-LayerNorm transformer block.
 
-    With recompute (activation checkpointing), forward keeps only the block's input `x` and
-    drops its parts' caches; backward first reruns the forward from x to rebuild them, calls
+    With n_experts, its feed-forward part is a mixture of experts, `moe` (minidist.nn.moe.MoE:
+    n_experts MLPs, each token sent to top_k of them), in place of `mlp`; `ffn` is whichever
+    it has. With recompute (activation checkpointing), forward keeps only the block's input `x`
+    and drops its parts' caches; backward first reruns the forward from x to rebuild them, calls
     `watch` (minidist.memory.track sets it: the moment the block holds the most) and drops them
     again when done. Every intermediate passes through `rounded` (mixed precision's hook,
     identity by default).
@@ -215,15 +217,30 @@ class Block(Composite):
     PARTS = ("ln1", "attn", "ln2", "mlp")
     watch = None
 
-    def __init__(self, d_model, n_heads, d_ff, residual_std=INIT_STD, recompute=False):
+    def __init__(self, d_model, n_heads, d_ff, residual_std=INIT_STD, recompute=False,
+                 n_experts=None, top_k=1, capacity_factor=None, aux_loss_coef=0.01):
         self.ln1, self.ln2 = LayerNorm(d_model), LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, out_std=residual_std)
-        self.mlp = MLP(d_model, d_ff, residual_std)
+        if n_experts:
+            from minidist.nn.moe import MoE  # moe.py builds its experts from this module's MLP
+
+            self.PARTS = ("ln1", "attn", "ln2", "moe")
+            self.moe = MoE(d_model, d_ff, n_experts, top_k, capacity_factor, aux_loss_coef,
+                           residual_std)
+        else:
+            self.mlp = MLP(d_model, d_ff, residual_std)
         self.recompute, self.x = recompute, None
 
+    @property
+    def ffn(self):
+        """The feed-forward part: `mlp`, or `moe` for a mixture-of-experts block."""
+        return getattr(self, self.PARTS[3])
+
     def __repr__(self):
+        ffn = (f"d_ff={self.mlp.fc.d_out}" if self.PARTS[3] == "mlp" else
+               f"d_ff={self.moe.d_ff}, experts={self.moe.n_experts}, top_k={self.moe.top_k}")
         return (f"Block(d_model={self.attn.d_model}, heads={self.attn.n_heads}, "
-                f"d_ff={self.mlp.fc.d_out}{', recompute' if self.recompute else ''})")
+                f"{ffn}{', recompute' if self.recompute else ''})")
 
     def forward(self, x):
         out = self._forward(x)
@@ -235,7 +252,7 @@ class Block(Composite):
     def _forward(self, x):
         r = self.rounded
         x = r(x + r(self.attn.forward(r(self.ln1.forward(x)))))
-        return x + r(self.mlp.forward(r(self.ln2.forward(x))))
+        return x + r(self.ffn.forward(r(self.ln2.forward(x))))
 
     def backward(self, d):
         if self.recompute:
@@ -245,7 +262,7 @@ class Block(Composite):
             elif self.watch is not None:
                 self.watch()
         r = self.rounded
-        d = r(d + self.ln2.backward(r(self.mlp.backward(d))))
+        d = r(d + self.ln2.backward(r(self.ffn.backward(d))))
         d = d + self.ln1.backward(r(self.attn.backward(d)))
         if self.recompute:
             self.x = None
@@ -255,10 +272,12 @@ class Block(Composite):
 
 class GPT(Sequential):
     """[Embedding, Block × n_layers, LayerNorm, Linear(d_model, vocab_size)] with the mean
-    softmax cross-entropy over all N·T positions. Built and checked by `gpt`."""
+    softmax cross-entropy over all N·T positions (plus, with n_experts, aux_loss_coef times
+    each MoE block's load-balancing loss). Built and checked by `gpt`."""
 
     def __init__(self, vocab_size, context, d_model=64, n_heads=4, n_layers=2, d_ff=None, seed=0,
-                 dtype=np.float64, recompute=False):
+                 dtype=np.float64, recompute=False, n_experts=None, top_k=1,
+                 capacity_factor=None, aux_loss_coef=0.01):
         for name, value in (("vocab_size", vocab_size), ("context", context),
                             ("d_model", d_model), ("n_heads", n_heads), ("n_layers", n_layers)):
             check_integer(name, value)
@@ -269,28 +288,41 @@ class GPT(Sequential):
                              f"head gets d_model / n_heads dimensions)")
         if not isinstance(recompute, (bool, np.bool_)):
             raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        from minidist.nn.moe import block_keywords  # moe.py builds on this module's MLP
+
+        moe = block_keywords(n_experts, top_k, capacity_factor, aux_loss_coef)
         self.vocab_size, self.context, self.d_model = int(vocab_size), int(context), int(d_model)
         self.n_heads, self.n_layers, self.d_ff = int(n_heads), int(n_layers), int(d_ff)
         self.recompute = bool(recompute)
+        self.n_experts = moe["n_experts"] if moe else None
         residual_std = INIT_STD / math.sqrt(2 * self.n_layers)  # GPT-2's residual scaling
         layers = [Embedding(self.vocab_size, self.context, self.d_model)]
-        layers += [Block(self.d_model, self.n_heads, self.d_ff, residual_std, self.recompute)
-                   for _ in range(self.n_layers)]
+        layers += [Block(self.d_model, self.n_heads, self.d_ff, residual_std, self.recompute,
+                         **moe) for _ in range(self.n_layers)]
         layers += [LayerNorm(self.d_model), _linear(self.d_model, self.vocab_size, INIT_STD)]
         super().__init__(layers, SoftmaxCrossEntropy(), seed=seed, dtype=dtype, device="numpy")
 
     def __repr__(self):
+        experts = "" if not self.n_experts else (
+            f"n_experts={self.n_experts}, top_k={self.layers[1].moe.top_k}, ")
         return (f"GPT(vocab_size={self.vocab_size}, context={self.context}, "
                 f"d_model={self.d_model}, n_heads={self.n_heads}, n_layers={self.n_layers}, "
-                f"d_ff={self.d_ff}, params={self.num_params})")
+                f"d_ff={self.d_ff}, {experts}params={self.num_params})")
 
     def loss(self, tokens, targets):
-        """The mean cross-entropy over all N·T positions; targets are checked like tokens."""
+        """The mean cross-entropy over all N·T positions, + Σ_blocks aux_loss_coef · aux with
+        n_experts (minidist.nn.moe: the loss a History reports); targets are checked like
+        tokens."""
         targets = self.layers[0].check_tokens(targets, "targets")
         if np.shape(tokens) != targets.shape:
             raise ValueError(f"targets must have the shape of tokens, {np.shape(tokens)}, got "
                              f"{targets.shape}")
-        return super().loss(tokens, targets)
+        loss = super().loss(tokens, targets)
+        if self.n_experts:
+            from minidist.nn.moe import aux_loss
+
+            loss += aux_loss(self.layers)
+        return loss
 
     def generate(self, tokens, n_new, temperature=1.0, seed=0):
         """tokens (N, T) followed by n_new sampled ones, (N, T + n_new): each new token is drawn
@@ -318,8 +350,16 @@ class GPT(Sequential):
 
 
 def gpt(vocab_size, context, d_model=64, n_heads=4, n_layers=2, d_ff=None, seed=0,
-        dtype=np.float64, recompute=False):
+        dtype=np.float64, recompute=False, n_experts=None, top_k=1, capacity_factor=None,
+        aux_loss_coef=0.01):
     """A GPT-2 style language model over `vocab_size` tokens and up to `context` positions
     (d_ff defaults to 4·d_model). Init as GPT-2: weights N(0, 0.02²), the residual projections
-    N(0, 0.02²/(2·n_layers)), biases 0, LayerNorm γ = 1, β = 0."""
-    return GPT(vocab_size, context, d_model, n_heads, n_layers, d_ff, seed, dtype, recompute)
+    N(0, 0.02²/(2·n_layers)), biases 0, LayerNorm γ = 1, β = 0.
+
+    n_experts (None or 0: dense): every block's MLP becomes a mixture of n_experts MLPs of
+    width d_ff behind a router (minidist.nn.moe: each expert initialised as the MLP, the router
+    N(0, 0.02²)); each token goes to its top_k most probable experts, each expert taking at most
+    ⌈capacity_factor · top_k · T / n_experts⌉ tokens of a sequence (None: no limit), and the
+    loss adds aux_loss_coef times each block's Switch load-balancing loss."""
+    return GPT(vocab_size, context, d_model, n_heads, n_layers, d_ff, seed, dtype, recompute,
+               n_experts, top_k, capacity_factor, aux_loss_coef)

@@ -133,7 +133,6 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
                       grads=memory.array_bytes(shard.grads, total),
                       optimizer=memory.optimizer_bytes(optimizer))
     comm.stats.reset()  # count the training's traffic, not the set-up's
-    last_stage = here["pp"] == topology.pp - 1
     for t, batch in enumerate(job.global_batches(comm.rank)):
         clock.begin(t)
         a, b = shard_bounds(len(batch), here["dp"], topology.dp)
@@ -149,7 +148,8 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
             clock.timed("comm", groups["dp"].all_reduce, shard.grads, "sum",
                         options["algorithm"])
         clock.trace.timed("optimizer", optimizer.step, shard.grads)
-        losses.append(loss if last_stage and here["tp"] == 0 else 0.0)  # report() sums them
+        losses.append(loss if here["tp"] == 0 else 0.0)  # report() sums them (a stage's MoE
+        # blocks add their load-balancing loss; the last stage the task loss)
         peaks.append(peak)
         clock.end()
     clock.compute = clock.step - clock.comm

@@ -28,6 +28,7 @@ import numpy as np
 
 from minidist import memory
 from minidist.data import check_integer, is_integer, shard_bounds
+from minidist.nn.moe import aux_loss, moe_layers
 from minidist.parallel.shard import activation_bytes
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -195,7 +196,8 @@ def check_options(options):
 def run_batch(shard, comm, X, y, rows, weight, micro_batches, schedule, clock, total):
     """One batch, rows `rows` of (X, y), through the pipeline on this stage: leaves the
     weighted sum of the micro-batches' gradients in shard.grads (summed in `total`, a buffer
-    shaped like it) and returns Σ_j (|B_j|/|B|)·weight·L_j (0 on all but the last stage) and
+    shaped like it) and returns Σ_j (|B_j|/|B|)·weight·L_j (this stage's part of it: the
+    cross-entropy on the last stage, the load-balancing losses of its mixture-of-experts blocks) and
     the peak number of (chunk, micro-batch) activations held at once.
 
     shard: a ModelShard (one chunk), or for "interleaved_1f1b" a chunks.StageChunks, whose
@@ -227,6 +229,7 @@ def run_batch(shard, comm, X, y, rows, weight, micro_batches, schedule, clock, t
                 out = trace.timed("forward", part.forward, inputs)
                 clock.timed("comm", comm.send, out, (stage + 1) % stages,
                             _tag("F", g + 1, j, m))
+            loss += share * aux_loss(part.layers)  # a mixture of experts' load-balancing loss
             stash[c, j] = part.save()
             clock.ledger.saw(sum(map(activation_bytes, stash.values())))
             peak = max(peak, len(stash))
@@ -236,7 +239,8 @@ def run_batch(shard, comm, X, y, rows, weight, micro_batches, schedule, clock, t
                          held=sum(map(activation_bytes, stash.values())))
             d_out = (share * part.criterion.backward() if g == last else
                      clock.timed("comm", comm.recv, (stage + 1) % stages, _tag("B", g, j, m)))
-            d_in = trace.timed("backward", _backward_and_add, part, d_out, total[spans[c]])
+            d_in = trace.timed("backward", _backward_and_add, part, d_out, total[spans[c]],
+                               share)
             if g > 0:
                 clock.timed("comm", comm.send, np.ascontiguousarray(d_in),
                             (stage - 1) % stages, _tag("B", g - 1, j, m))
@@ -251,8 +255,16 @@ def _tag(op, chunk, micro, micro_batches):
     return 2 * (chunk * micro_batches + micro) + (op == "B")
 
 
-def _backward_and_add(shard, d_out, total):
-    """Backward of one micro-batch; its (already weighted) gradient added to `total`."""
-    d_in = shard.backward(d_out)
+def _backward_and_add(shard, d_out, total, share):
+    """Backward of one micro-batch; its (already weighted) gradient added to `total`. Its MoE
+    layers seed their load-balancing loss with the same weight `share` (MoE.loss_weight)."""
+    experts = moe_layers(shard.layers)
+    for layer in experts:
+        layer.loss_weight = share
+    try:
+        d_in = shard.backward(d_out)
+    finally:
+        for layer in experts:
+            del layer.loss_weight  # the class's 1 again
     total += shard.grads
     return d_in

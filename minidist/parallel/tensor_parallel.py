@@ -201,7 +201,12 @@ def check_split(layers, t, start=0, stop=None):
     vocabulary smaller than t."""
     for i, kind in plan(layers, start, stop):
         layer = layers[i]
-        if kind == "block":
+        if kind == "block" and getattr(layer, "moe", None) is not None:
+            if t > 1:
+                raise ValueError(f"layer {i} {layer!r}: mixture-of-experts blocks are split by "
+                                 f"expert parallelism, not tensor parallelism: train this "
+                                 f"model with tp=1 (got tp={t})")
+        elif kind == "block":
             heads, d_ff = layer.attn.n_heads, layer.mlp.fc.d_out
             if heads % t or d_ff % t:
                 raise ValueError(f"layer {i} {layer!r}: tensor parallelism splits the "
