@@ -424,3 +424,39 @@ def test_an_asynchronous_run_resumes_on_sharded_servers(tmp_path):
     assert resumed.start_clock == 28 and resumed.results == [15, 15, 15]
     # every shard restarts from its 28 updates; each worker re-pushes from its smallest clock
     assert all(p <= -45.0 for p in resumed.params)
+
+
+@pytest.mark.parametrize("consistency", ["asp", "bsp"])
+def test_a_checkpoint_records_the_clocks_of_the_pushes_it_holds(monkeypatch, consistency):
+    """Pushes that arrive while a worker reads θ_j wait; when they are applied one by one, each
+    checkpoint's clocks must count only the pushes already in its θ_j (counting the waiting ones
+    too made a resumed run skip them: lost gradients)."""
+    from types import SimpleNamespace
+
+    from minidist.ps import server as shard_server
+
+    class Pipe:
+        def send(self, message):
+            pass
+
+    saved = []  # (version, params, clocks) of every checkpoint, as written
+    monkeypatch.setattr(shard_server.checkpoint, "save", lambda directory, shard, version,
+                        params, state, clocks: saved.append((version, params.copy(),
+                                                             clocks.copy())))
+    memory = SimpleNamespace(params=np.zeros(3), push=np.ones((2, 3)))
+    config = {"optimizer": "sgd", "lr": 1.0, "optimizer_options": {}, "resume_version": None,
+              "consistency": consistency, "staleness": 0, "checkpoint_dir": "unused",
+              "checkpoint_every": 1}
+    server = shard_server.ShardServer(0, np.zeros(3), [Pipe(), Pipe()], memory, config)
+    server.handle(0, ("pull", 0))  # worker 0 now reads θ_j: nothing is written meanwhile
+    server.handle(0, ("push", 0, 0.5))
+    server.handle(1, ("push", 0, 0.5))
+    if consistency == "asp":
+        server.handle(1, ("push", 1, 0.5))
+    assert server.version == 0  # every push waits for worker 0's release
+    server.handle(0, ("release",))
+    assert [v for v, _, _ in saved] == list(range(1, server.version + 1)) and saved
+    for version, params, clocks in saved:
+        pushes = version if consistency == "asp" else 2 * version  # BSP: one step, both pushes
+        assert clocks.sum() == pushes, (version, clocks)
+        np.testing.assert_array_equal(params, np.full(3, -pushes))

@@ -59,6 +59,7 @@ class ShardServer:
             self.params[...] = params
             self.opt.load_state_dict(state)
             self.version, self.clocks[...] = config["resume_version"], clocks
+        self.applied = self.clocks.copy()  # per worker, the pushes already in θ_j (checkpointed)
         self.live, self.finished, self.died = set(range(workers)), set(), []
         self.pulled_version = [self.version] * workers
         self.waiting = {}   # worker -> clock of its pull, not yet allowed
@@ -82,7 +83,7 @@ class ShardServer:
         elif kind == "push":
             self._push(w, message[1], message[2])
         elif kind == "clock":  # a resumed async run restarts w here, on every shard
-            self.clocks[w] = message[1]
+            self.clocks[w] = self.applied[w] = message[1]
         elif kind == "done":
             self.finished.add(w)
         else:
@@ -118,6 +119,7 @@ class ShardServer:
         if not self.readers:
             for w, clock in self.deferred:
                 self.staleness.append((w, clock, self.version - self.pulled_version[w]))
+                self.applied[w] += 1
                 self._apply(self.memory.push[w])
                 if w in self.live:
                     self.conns[w].send(("ack", self.version))
@@ -147,6 +149,7 @@ class ShardServer:
             self.sum /= sum(self.pushers[k] for k in ranks)
         for k in ranks:
             self.staleness.append((k, self.version, self.version - self.pulled_version[k]))
+            self.applied[k] += 1
         self._apply(self.sum)
         self.pushers = {}
         for k in ranks:
@@ -158,8 +161,9 @@ class ShardServer:
         self.version += 1
         every = self.config["checkpoint_every"]
         if every and self.version % every == 0:
+            # the clocks of the pushes θ_j holds, not of those received and still deferred
             checkpoint.save(self.config["checkpoint_dir"], self.shard, self.version,
-                            self.params, self.opt.state_dict(), self.clocks)
+                            self.params, self.opt.state_dict(), self.applied)
 
     def memory_bytes(self):
         """{params, grads, optimizer, activations, peak} bytes this shard holds, all of it
