@@ -376,5 +376,6 @@ def measure_collective(collective, algorithm, nbytes, world_size, backend="proce
 # one's (minidist.context_cost) and the planner (memory and step time of every dp × tp × pp
 # layout) live in their own modules.
 from minidist.context_cost import context_parallel_bytes_per_rank  # noqa: E402, F401
+from minidist.expert_cost import expert_parallel_bytes_per_rank  # noqa: E402, F401
 from minidist.megatron_cost import megatron_bytes_per_rank  # noqa: E402, F401
 from minidist.planner import Layout, Plan, estimate, plan  # noqa: E402, F401

@@ -23,6 +23,7 @@ from minidist.context_memory import (  # noqa: F401  (re-exported: a context-par
     context_activation_elements,
 )
 from minidist.errors import OutOfMemory
+from minidist.expert_cost import expert_parallel_param_bytes  # noqa: F401  (re-exported)
 from minidist.megatron_memory import (  # noqa: F401  (re-exported, as zero_memory's are)
     INT64_PARTS,  # the parts of gpt_activation_elements kept as int64, too
     megatron_activation_bytes,

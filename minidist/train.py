@@ -15,6 +15,7 @@ from minidist.parallel import (
     context_parallel,
     data_parallel,
     distributed_gd,
+    expert_parallel,
     hybrid,
     pipeline,
     tensor_parallel,
@@ -38,11 +39,14 @@ STRATEGIES = {
     "zero": (zero.worker, zero.OPTIONS, zero.check_options),
     "context_parallel": (context_parallel.worker, context_parallel.OPTIONS,
                          context_parallel.check_options),
+    "expert_parallel": (expert_parallel.worker, expert_parallel.OPTIONS,
+                        expert_parallel.check_options),
 }
 # strategy -> check(model_fn, workers, batch_size, options, data_shape): shapes that cannot be split
 JOB_CHECKS = {"tensor_parallel": hybrid.check_tensor_parallel,
               "pipeline": hybrid.check_pipeline, "hybrid": hybrid.check_job,
-              "zero": zero.check_model, "context_parallel": context_parallel.check_job}
+              "zero": zero.check_model, "context_parallel": context_parallel.check_job,
+              "expert_parallel": expert_parallel.check_job}
 
 
 @dataclass

@@ -160,13 +160,23 @@ class MoE(Composite):
         self.dropped = int(N * T * k - self.counts.sum())
         self.gates = np.take_along_axis(p, choice, axis=1)  # (N·T, k)
         out = np.zeros_like(rows)
-        outputs = []
-        for e, (_, a, r) in enumerate(self._dispatch()):
-            h = self.rounded(self.experts[e].forward(rows[r]))
-            outputs.append(h)
+        outputs = self.experts_forward(rows)
+        for (_, a, r), h in zip(self._dispatch(), outputs, strict=True):
             out[r] += self.gates.reshape(-1)[a][:, None] * h
         self.H = np.concatenate(outputs)  # every expert's outputs, in dispatch order
         return out.reshape(X.shape)
+
+    def experts_forward(self, rows):
+        """[expert_e(rows[r]) for each expert e and its kept rows r, in token order]: the
+        experts' part of the forward (rows: the N·T token rows). Expert parallelism
+        (minidist.parallel.expert_parallel) overrides it and the backward's twin
+        `experts_backward` to run the experts on other ranks."""
+        return [self.rounded(self.experts[e].forward(rows[r]))
+                for e, (_, _, r) in enumerate(self._dispatch())]
+
+    def experts_backward(self, d_outputs):
+        """[∂(expert e's input rows)] from [∂(expert e's outputs)], expert by expert."""
+        return [self.experts[e].backward(d) for e, d in enumerate(d_outputs)]
 
     def _dispatch(self):
         """Per expert e: (its span of the dispatch order, its kept assignments r·k + j, their
@@ -182,10 +192,13 @@ class MoE(Composite):
         E, k = self.n_experts, self.top_k
         dY = dY.reshape(N * T, d)
         dX, d_gates = np.zeros_like(dY), np.zeros(N * T * k, dY.dtype)
-        for e, (span, a, r) in enumerate(self._dispatch()):
+        spans = list(self._dispatch())
+        for span, a, r in spans:
             d_gates[a] = (dY[r] * self.H[span]).sum(axis=1)
-            dX[r] += self.experts[e].backward(
-                self.rounded(self.gates.reshape(-1)[a][:, None] * dY[r]))
+        d_inputs = self.experts_backward(
+            [self.rounded(self.gates.reshape(-1)[a][:, None] * dY[r]) for _, a, r in spans])
+        for (_, _, r), d_rows in zip(spans, d_inputs, strict=True):
+            dX[r] += d_rows
         dp = np.zeros((N * T, E), dY.dtype)
         np.put_along_axis(dp, self.assignment.reshape(N * T, k), d_gates.reshape(N * T, k),
                           axis=1)

@@ -22,8 +22,9 @@ bytes per rank and step: cost.context_parallel_bytes_per_rank.
 import numpy as np
 
 from minidist import memory
+from minidist.data import shard_bounds
 from minidist.nn.transformer import GPT, Block, Embedding
-from minidist.parallel.job import Clock, report
+from minidist.parallel.job import Clock, merge_stats, report
 from minidist.parallel.ring_attention import RingAttention, chunks
 
 OPTIONS = {"load_balance": False, "algorithm": "auto"}
@@ -98,15 +99,19 @@ def context_parallel(model, comm, load_balance=False, clock=None, seq_len=None):
     return mine
 
 
-def worker(comm, job):
+def worker(comm, job, dp=1):
+    """strategy="context_parallel" (dp = 1), and hybrid's dp × cp: rank = d·c + k, the ring on
+    the c ranks of replica d, which takes rows shard_bounds(|B|, d, dp) of the batch; every
+    rank's gradient weighted by (T_r/T)·(|B_d|/|B|), one all-reduce over all dp·c ranks."""
     options = {**OPTIONS, **job.options}
+    d, k = divmod(comm.rank, comm.world_size // dp)
+    ring = comm if dp == 1 else comm.split(color=d, key=k)
     model = job.model_fn()
     comm.broadcast(model.params, src=0)
     clock = Clock(job.steps, job.max_memory_per_rank, comm.rank)
     T = job.X.shape[1]
-    mine = context_parallel(model, comm, options["load_balance"], clock, T)
+    mine = context_parallel(model, ring, options["load_balance"], clock, T)
     positions = np.concatenate([np.arange(start, stop) for start, stop in mine])
-    share = len(positions) / T  # T_r / T = 1/c
     optimizer = job.make_optimizer(model.params)
     clock.ledger.hold(params=memory.array_bytes(model.params),
                       grads=memory.array_bytes(model.grads),
@@ -115,13 +120,17 @@ def worker(comm, job):
     losses = []
     for t, batch in enumerate(job.global_batches(comm.rank)):
         clock.begin(t)
-        rows = np.ix_(batch, positions)
+        start, stop = shard_bounds(len(batch), d, dp)
+        rows = np.ix_(batch[start:stop], positions)
+        share = len(positions) / T * ((stop - start) / len(batch))  # (T_r/T)·(|B_d|/|B|)
         losses.append(share * clock.forward_backward(model, job.X[rows], job.y[rows]))
         model.grads *= share
         clock.timed("comm", comm.all_reduce, model.grads, "sum", options["algorithm"])
         clock.trace.timed("optimizer", optimizer.step, model.grads)
         clock.end()
     clock.compute = clock.step - clock.comm  # the ring's send/recv ran inside the compute
+    if dp > 1:
+        merge_stats(comm, [ring])
     out = report(comm, model.params, losses, clock)
     attention = next(block.attn for block in model.layers if isinstance(block, Block))
     out["details"] = {"chunks": mine, "block_pairs": dict(attention.block_pairs),

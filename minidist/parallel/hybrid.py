@@ -11,6 +11,9 @@ tensor-parallel stages, and the ranks that hold the same part of the model all-r
 gradients (each weighted by |B_d|/|B|) over `dp` before the optimizer step.
 
 strategy="tensor_parallel" is Topology(1, t, 1), "pipeline" Topology(1, 1, p): one engine.
+With cp > 1 (dp × cp: context_parallel.worker, a ring in each replica) or ep > 1 (dp × ep:
+expert_parallel.worker, an ep group in each replica) the job goes to those workers; they do
+not compose with tp or pp, nor with each other.
 
 Memory (the rank's "memory"): params and grads of its ModelShard, plus run_batch's `total`
 (the sum of the micro-batch gradients, as long as the shard's) as grads; the optimizer over
@@ -26,13 +29,13 @@ import numpy as np
 
 from minidist import memory
 from minidist.data import check_integer, shard_bounds
-from minidist.parallel import pipeline, tensor_parallel
+from minidist.parallel import context_parallel, expert_parallel, pipeline, tensor_parallel
 from minidist.parallel.chunks import StageChunks
-from minidist.parallel.job import Clock, report
+from minidist.parallel.job import Clock, merge_stats, report
 from minidist.parallel.shard import ModelShard, gather_params
 
 OPTIONS = {"dp": 1, "tp": 1, "pp": 1, **pipeline.OPTIONS, **tensor_parallel.OPTIONS,
-           "micro_batches": 1}
+           "micro_batches": 1, "cp": 1, "ep": 1, "load_balance": False}
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,14 @@ def check_options(options):
 def check_job(model_fn, workers, batch_size, options, data_shape, defaults=OPTIONS):
     """Clear errors, before any rank starts, for shapes that cannot work (data_shape: the
     training inputs' shape, (rows, T) for a GPT)."""
-    options = {**OPTIONS, **defaults, **options}
+    given, options = set(options), {**OPTIONS, **defaults, **options}
+    for name in ("cp", "ep"):
+        check_integer(name, options[name])
+    if options["cp"] > 1 or options["ep"] > 1:
+        return _check_cp_ep(model_fn, workers, batch_size, options, data_shape, given)
+    if options["load_balance"]:
+        raise ValueError("load_balance=True balances context parallelism's ring: it needs "
+                         "cp > 1")
     topology = Topology(options["dp"], options["tp"], options["pp"])
     if topology.world_size != workers:
         raise ValueError(f"{topology} = {topology.world_size} ranks, but workers={workers}")
@@ -112,9 +122,43 @@ def check_job(model_fn, workers, batch_size, options, data_shape, defaults=OPTIO
                          f"{options['micro_batches']} micro-batches of at least one row each")
 
 
+def _check_cp_ep(model_fn, workers, batch_size, options, data_shape, given):
+    """dp × cp or dp × ep: no tp, pp or pipeline options beside them; workers = dp·cp (dp·ep);
+    then context_parallel's or expert_parallel's own checks."""
+    cp, ep, dp = options["cp"], options["ep"], options["dp"]
+    check_integer("dp", dp)
+    axis = f"cp={cp}" if cp > 1 else f"ep={ep}"
+    if cp > 1 and ep > 1:
+        raise ValueError(f"cp={cp} and ep={ep} do not compose here: context parallelism "
+                         "splits every sequence over its ranks, and a mixture of experts "
+                         "routes (capacity, load-balancing loss) whole sequences")
+    allowed = {"dp", "tp", "pp", "cp", "ep", "algorithm"} | ({"load_balance"} if cp > 1 else set())
+    extra = sorted(name for name in given - allowed)
+    extra += [f"{name}={options[name]}" for name in ("tp", "pp") if options[name] > 1]
+    if extra:
+        raise ValueError(f"{axis} and {', '.join(extra)} do not compose here: "
+                         f"{'context' if cp > 1 else 'expert'} parallelism runs in data-parallel "
+                         f"replicas of the whole model (dp × {axis.split('=')[0]}), without "
+                         "tensor or pipeline parallelism")
+    if dp * max(cp, ep) != workers:
+        raise ValueError(f"dp×{axis.split('=')[0]} = {dp}×{max(cp, ep)} = {dp * max(cp, ep)} "
+                         f"ranks, but workers={workers}")
+    if cp > 1:
+        if batch_size < dp:
+            raise ValueError(f"batch_size={batch_size} cannot give dp={dp} replicas a "
+                             "sequence each")
+        context_parallel.check_job(model_fn, cp, batch_size, options, data_shape)
+    else:
+        expert_parallel.check_job(model_fn, workers, batch_size, options, data_shape, dp, "ep")
+
+
 def worker(comm, job, topology=None, defaults=OPTIONS):
     """strategy="hybrid" (and, with a fixed topology, the two model-parallel strategies)."""
     options = {**OPTIONS, **defaults, **job.options}
+    if topology is None and options["cp"] > 1:
+        return context_parallel.worker(comm, job, options["dp"])
+    if topology is None and options["ep"] > 1:
+        return expert_parallel.worker(comm, job, options["dp"])
     topology = topology or Topology(options["dp"], options["tp"], options["pp"])
     groups = topology.split(comm)
     here = topology.coords(comm.rank)
@@ -153,7 +197,7 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
         peaks.append(peak)
         clock.end()
     clock.compute = clock.step - clock.comm
-    _merge_stats(comm, groups.values())
+    merge_stats(comm, groups.values())
     out = report(comm, shard.params, losses, clock)
     out["params"] = gather_params(comm, shard)
     out["details"] = {**here, "layers": mine[0] if len(mine) == 1 else mine,
@@ -162,15 +206,6 @@ def worker(comm, job, topology=None, defaults=OPTIONS):
                       "peak_activations": max(peaks),
                       "peak_activation_bytes": clock.ledger.activations}
     return out
-
-
-def _merge_stats(comm, groups):
-    """Add the sub-communicators' counters to the rank's own, operation by operation."""
-    for group in groups:
-        for op, counts in group.stats.ops.items():
-            total = comm.stats[op]
-            for name, value in vars(counts).items():
-                setattr(total, name, getattr(total, name) + value)
 
 
 def tensor_parallel_worker(comm, job):

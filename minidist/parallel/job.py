@@ -117,6 +117,16 @@ class Clock:
         return loss
 
 
+def merge_stats(comm, groups):
+    """Add the sub-communicators' counters to the rank's own, operation by operation (before
+    report: a rank's bytes are those of all its groups)."""
+    for group in groups:
+        for op, counts in group.stats.ops.items():
+            total = comm.stats[op]
+            for name, value in vars(counts).items():
+                setattr(total, name, getattr(total, name) + value)
+
+
 def report(comm, params, weighted_losses, clock):
     """What a rank returns to train(). The bytes are the training's own: taken before the one
     all-reduce that adds up the per-step losses Σ_k (|B_k|/|B|) L_k for the History (done once
