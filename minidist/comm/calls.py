@@ -6,7 +6,8 @@ contribution; for scatter only the root passes an array, so only the root and th
 So that no rank computes with bytes it misreads, each message inside a collective carries its
 sender's call as CALL_BYTES of text, which the receiver compares with its own; native paths
 compare 8-byte digests in shared memory or through MPI, and read the texts only to say who
-called what. `CollectiveCall` is the context a Communicator runs each collective in.
+called what. `CollectiveCall` is the context a Communicator runs each collective in; in debug
+mode it first compares every rank's call through rank 0 (`check_fingerprint`).
 """
 
 import functools
@@ -15,7 +16,13 @@ import time
 
 import numpy as np
 
+from minidist.errors import CollectiveMismatchError
+
 CALL_BYTES = 128  # a call's description, as message headers carry it
+# the tags a call's messages travel under (below a group's context, the wire tag's high bits)
+TAG_LIMIT = 2**30  # user tags lie in [0, TAG_LIMIT)
+COLLECTIVE_TAG = TAG_LIMIT  # + the collective's sequence number mod 2^16
+FINGERPRINT_TAG = TAG_LIMIT + 2**20  # debug mode's round through rank 0 (check_fingerprint)
 
 
 class Call:
@@ -74,7 +81,7 @@ class CollectiveCall:
             comm._call = describe(self.name, None, None, self.details) if array is None \
                 else describe(self.name, array.dtype, array.shape, self.details)
             if comm.debug:
-                comm._check_fingerprint()
+                check_fingerprint(comm)
             comm._op = self.name
             self.start = time.perf_counter()
             comm.stats[self.name].calls += 1
@@ -87,3 +94,29 @@ class CollectiveCall:
             comm.stats[self.name].seconds += time.perf_counter() - self.start
             if exc[0] is None:  # on an error the status keeps saying where the rank was
                 comm._returned(self.name)
+
+
+def check_fingerprint(comm):
+    """Debug mode: rank 0 compares every rank's (sequence number, call) first, so ranks
+    that call different collectives, even ones that never message each other, are named."""
+    mine = f"collective #{comm._seq} {comm._call.text}"
+    wire = (comm.context << 32) | FINGERPRINT_TAG
+
+    def send(text, dst):
+        comm._transport_send(np.frombuffer(text.encode(), np.uint8), dst, wire, NO_CALL)
+
+    def recv(src):
+        return bytes(comm._transport_recv(src, wire, comm.timeout)[0]).decode()
+
+    comm._set_status(f"debug fingerprint of {mine}")
+    if comm.rank == 0:
+        prints = [mine] + [recv(r) for r in range(1, comm.world_size)]
+        verdict = "" if len(set(prints)) == 1 else "\n".join(
+            f"  rank {r}: {p}" for r, p in enumerate(prints))
+        for r in range(1, comm.world_size):
+            send(verdict, r)
+    else:
+        send(mine, 0)
+        verdict = recv(0)
+    if verdict:
+        raise CollectiveMismatchError(f"ranks disagree on a collective call:\n{verdict}")

@@ -196,6 +196,33 @@ def all_to_all_pairwise(comm, chunks):
     return out
 
 
+# ---- what the native paths reuse: the ring's order of arithmetic and its byte counts ---------
+def reduce_chunk(comm, buffers, op):
+    """A native reduce-scatter's arithmetic, over buffers[s] (rank s's array, readable
+    here): my chunk of rows of the op over all of them, in the ring's order, acc = x_{r+1},
+    then acc = x_s ∘ acc for s = r+2, …, r (mod p), so both algorithms give the same bits.
+    Counted as the ring counts: every chunk but mine out, every chunk but rank r−1's in."""
+    p, r = comm.world_size, comm.rank
+    lo, hi = shard_bounds(len(buffers[0]), r, p)
+    ufunc = UFUNCS[op]
+    chunk = buffers[(r + 1) % p][lo:hi].copy()
+    for k in range(2, p + 1):
+        ufunc(buffers[(r + k) % p][lo:hi], chunk, out=chunk)
+    if op == "mean":
+        chunk /= p
+    comm._count_native(*reduce_scatter_traffic(comm, buffers[0]))
+    return chunk
+
+
+def reduce_scatter_traffic(comm, array):
+    """(sent, received): the bytes the ring reduce-scatter of `array` moves at this rank,
+    every chunk of rows but mine out, every chunk but rank r−1's in."""
+    p, r, rows = comm.world_size, comm.rank, len(array)
+    row = array.nbytes // rows if rows else 0
+    (lo, hi), (left_lo, left_hi) = (shard_bounds(rows, c, p) for c in (r, (r - 1) % p))
+    return (rows - (hi - lo)) * row, (rows - (left_hi - left_lo)) * row
+
+
 def exchanged_bytes(rank, sent, received):
     """(Σ_{j≠r} bytes of sent[j], Σ_{i≠r} bytes of received[i]): what an all-to-all moves at
     rank r, the count every path of it records (the own chunk never leaves the rank)."""

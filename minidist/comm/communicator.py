@@ -2,17 +2,18 @@
 
 A backend (thread, process, mpi) supplies only the transport, `_transport_send` and
 `_transport_recv`, and may add native fast paths (`_native_all_reduce`, ...). Every collective
-is written once, over `send` and `recv`, in `collectives.py`.
+is written once, over `send` and `recv`, in `collectives.py`; arrays are checked in buffers.py.
 
 Message semantics: `send` never waits for the receiver (the message is buffered, and the array
 may be reused at once), only, like every blocking call, for this rank's pending async ops;
-`recv` waits at most `timeout` seconds. Messages between two ranks with
-the same tag arrive in the order they were sent.
+`recv` waits at most `timeout` seconds. Messages between two ranks with the same tag arrive in
+the order they were sent.
 
 Every rank checks that all ranks make the same collective call (same collective, arguments,
 dtype and shape), always, for a few bytes: each message sent inside a collective carries the
 sender's call (calls.py: a short text in the header), and `recv` compares it with its own;
 native paths compare the calls' digests through shared memory (or MPI) before touching any data.
+Debug mode adds a round through rank 0 before each collective (calls.check_fingerprint).
 
 Async ops (`async_op=True` on all_reduce, broadcast, all_gather, reduce_scatter, all_to_all)
 run the same code on the rank's progress thread (work.py); every blocking call first waits for
@@ -26,64 +27,14 @@ import ml_dtypes
 import numpy as np
 
 from minidist.comm import collectives
-from minidist.comm.calls import NO_CALL, Call, CollectiveCall
+from minidist.comm.buffers import check_buffer, check_chunks
+from minidist.comm.calls import COLLECTIVE_TAG, NO_CALL, TAG_LIMIT, Call, CollectiveCall
 from minidist.comm.stats import Stats
 from minidist.comm.work import AsyncOps, Progress
-from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError, CommTimeout, clock
 
-TAG_LIMIT = 2**30  # user tags lie in [0, TAG_LIMIT)
-COLLECTIVE_TAG = TAG_LIMIT  # + the collective's sequence number mod 2^16
-FINGERPRINT_TAG = TAG_LIMIT + 2**20
 REDUCE_OPS = ("sum", "mean", "max", "min")
 ALGORITHMS = ("naive", "tree", "ring", "recursive_doubling", "native", "auto")
-
-
-def is_numeric(dtype):
-    """bool, integer, float or complex, or bfloat16 (ml_dtypes; numpy sees it as kind "V")."""
-    return dtype.kind in "biufc" or dtype == ml_dtypes.bfloat16
-
-
-def wire_dtype(dtype):
-    """What a message header says about `dtype`: numpy's code ("<f8"), or "bfloat16", whose
-    code "<V2" would not say what the two bytes are; np.dtype reads either back (it knows
-    "bfloat16" once ml_dtypes is imported, as it is here)."""
-    return "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.str
-
-
-def check_buffer(array, what):
-    """A collective's buffer must be a C-contiguous numeric numpy array."""
-    if not isinstance(array, np.ndarray):
-        raise ValueError(f"{what} needs a numpy array, got {type(array).__name__}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{what} needs a C-contiguous array, got one with strides "
-                         f"{array.strides}; pass np.ascontiguousarray(x)")
-    if not is_numeric(array.dtype):
-        raise ValueError(f"{what} needs a numeric dtype, got {array.dtype}")
-    return array
-
-
-def check_chunks(chunks, world_size):
-    """all_to_all's chunks: a list (or tuple) of world_size buffers (check_buffer) with at least
-    one axis, all of one dtype and one row shape (shape[1:]); only the rows may differ.
-    Returns (the chunks as a new list, their dtype, their row shape)."""
-    if not isinstance(chunks, (list, tuple)):
-        raise TypeError(f"all_to_all needs a list of world_size={world_size} arrays (chunk j "
-                        f"goes to rank j), got {type(chunks).__name__}")
-    if len(chunks) != world_size:
-        raise ValueError(f"all_to_all needs one chunk per rank, world_size={world_size}, got "
-                         f"{len(chunks)} chunks")
-    first = chunks[0]
-    for j, chunk in enumerate(chunks):
-        check_buffer(chunk, f"all_to_all chunk {j}")
-        if chunk.ndim == 0:
-            raise ValueError(f"all_to_all chunk {j} needs at least one axis (rows), got a 0-d "
-                             f"array; pass x.reshape(1)")
-        if chunk.dtype != first.dtype or chunk.shape[1:] != first.shape[1:]:
-            raise ValueError(f"all_to_all chunks must share one dtype and row shape (only the "
-                             f"first axis may differ): chunk 0 is {first.dtype} {first.shape}, "
-                             f"chunk {j} is {chunk.dtype} {chunk.shape}")
-    return list(chunks), first.dtype, first.shape[1:]
 
 
 class Communicator(AsyncOps):
@@ -140,30 +91,6 @@ class Communicator(AsyncOps):
         op = self.stats[self._op]
         op.bytes_sent += sent
         op.bytes_received += received
-
-    def _reduce_chunk(self, buffers, op):
-        """A native reduce-scatter's arithmetic, over buffers[s] (rank s's array, readable
-        here): my chunk of rows of the op over all of them, in the ring's order, acc = x_{r+1},
-        then acc = x_s ∘ acc for s = r+2, …, r (mod p), so both algorithms give the same bits.
-        Counted as the ring counts: every chunk but mine out, every chunk but rank r−1's in."""
-        p, r = self.world_size, self.rank
-        lo, hi = shard_bounds(len(buffers[0]), r, p)
-        ufunc = collectives.UFUNCS[op]
-        chunk = buffers[(r + 1) % p][lo:hi].copy()
-        for k in range(2, p + 1):
-            ufunc(buffers[(r + k) % p][lo:hi], chunk, out=chunk)
-        if op == "mean":
-            chunk /= p
-        self._count_native(*self._reduce_scatter_traffic(buffers[0]))
-        return chunk
-
-    def _reduce_scatter_traffic(self, array):
-        """(sent, received): the bytes the ring reduce-scatter of `array` moves at this rank,
-        every chunk of rows but mine out, every chunk but rank r−1's in."""
-        p, r, rows = self.world_size, self.rank, len(array)
-        row = array.nbytes // rows if rows else 0
-        (lo, hi), (left_lo, left_hi) = (shard_bounds(rows, c, p) for c in (r, (r - 1) % p))
-        return (rows - (hi - lo)) * row, (rows - (left_hi - left_lo)) * row
 
     def alloc(self, shape, dtype=np.float64):
         """A zeroed array that this backend can communicate fastest (the process backend
@@ -227,31 +154,6 @@ class Communicator(AsyncOps):
         """`with self._collective(...)`: describe, count, time and (in debug mode) fingerprint
         one call. `details`: (argument, value) pairs that all ranks must pass alike."""
         return CollectiveCall(self, name, array, details)
-
-    def _check_fingerprint(self):
-        """Debug mode: rank 0 compares every rank's (sequence number, call) first, so ranks
-        that call different collectives, even ones that never message each other, are named."""
-        mine = f"collective #{self._seq} {self._call.text}"
-        wire = (self.context << 32) | FINGERPRINT_TAG
-
-        def send(text, dst):
-            self._transport_send(np.frombuffer(text.encode(), np.uint8), dst, wire, NO_CALL)
-
-        def recv(src):
-            return bytes(self._transport_recv(src, wire, self.timeout)[0]).decode()
-
-        self._set_status(f"debug fingerprint of {mine}")
-        if self.rank == 0:
-            prints = [mine] + [recv(r) for r in range(1, self.world_size)]
-            verdict = "" if len(set(prints)) == 1 else "\n".join(
-                f"  rank {r}: {p}" for r, p in enumerate(prints))
-            for r in range(1, self.world_size):
-                send(verdict, r)
-        else:
-            send(mine, 0)
-            verdict = recv(0)
-        if verdict:
-            raise CollectiveMismatchError(f"ranks disagree on a collective call:\n{verdict}")
 
     def _algorithm(self, name, algorithm, allowed, default):
         """(the function that runs `name` with `algorithm`, the algorithm's name); "auto"

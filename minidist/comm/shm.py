@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from minidist.comm.communicator import wire_dtype
+from minidist.comm.buffers import wire_dtype
 
 STATUS_BYTES = 128
 LINE = 64  # bytes per flag / publish record: one cache line, so ranks do not share lines

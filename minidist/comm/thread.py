@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from minidist.comm.collectives import UFUNCS, exchanged_bytes
+from minidist.comm.collectives import UFUNCS, exchanged_bytes, reduce_chunk
 from minidist.comm.communicator import Communicator, deadline_error
 from minidist.data import shard_bounds
 from minidist.errors import CollectiveMismatchError, CommTimeout, remote_failure
@@ -154,7 +154,7 @@ class ThreadCommunicator(Communicator):
         """My chunk of rows, reduced straight out of every rank's array."""
         self.world.slots[self.rank] = array
         self._meet()
-        chunk = self._reduce_chunk(list(self.world.slots), op)
+        chunk = reduce_chunk(self, list(self.world.slots), op)
         self._wait_all()  # nobody may change its array while others still read it
         self.world.slots[self.rank] = None
         return chunk
