@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: lab demo test lint docs chromium faults lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels bench-model-parallel bench-transformer bench-zero bench-parallel-transformer clean
+.PHONY: lab demo test lint docs chromium faults lessons bench bench-allreduce bench-data-parallel bench-ps bench-kernels bench-model-parallel bench-transformer bench-zero bench-parallel-transformer bench-long-context clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "minidist needs Python 3.10 or newer; set PYTHON=python3.x")'
@@ -69,7 +69,10 @@ bench-zero: $(VENV)/.bench  ## ZeRO-1/2/3 and DDP overlap on 2 ranks vs DDP, Zer
 bench-parallel-transformer: $(VENV)/.bench  ## Megatron TP/SP and interleaved 1F1B on the GPT vs PyTorch TP (gloo)
 	$(BIN)/python benchmarks/parallel_transformer.py
 
-bench: bench-allreduce bench-data-parallel bench-kernels bench-ps bench-model-parallel bench-transformer bench-zero bench-parallel-transformer  ## every benchmark; results in benchmarks/results/
+bench-long-context: $(VENV)/.bench  ## all_to_all vs MPICH and gloo; context and expert parallelism on the GPT
+	$(BIN)/python benchmarks/long_context.py
+
+bench: bench-allreduce bench-data-parallel bench-kernels bench-ps bench-model-parallel bench-transformer bench-zero bench-parallel-transformer bench-long-context  ## every benchmark; results in benchmarks/results/
 
 lessons: $(STAMP)  ## re-execute every lesson in place (commit them executed)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace lessons/*.ipynb

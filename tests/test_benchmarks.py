@@ -258,3 +258,67 @@ def test_the_parallel_transformer_benchmark_meets_its_formulas_and_single(tmp_pa
     report = load_file("benchmarks/report.py", "benchmark_report")
     text = report.render_result("parallel_transformer", result)
     assert "(`make bench-parallel-transformer` runs it again)" in text
+
+
+def test_the_long_context_benchmark_checks_all_to_all_context_and_experts(tmp_path):
+    # the tiny --quick run: all_to_all 4 KiB … 1 MiB (minidist, MPICH, gloo when torch is
+    # here), then single / cp=2 (both layouts) on a GPT, single / dp=2 / ep=2 on a MoE GPT
+    from minidist import cost, memory, nn
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "long_context.py"),
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    result = json.loads((tmp_path / "long_context.json").read_text())
+    assert (tmp_path / "long_context.png").stat().st_size > 0
+    peers = ["minidist native", "minidist pairwise", "MPICH Alltoallv"] + (
+        ["PyTorch gloo"] if result["machine"]["torch"] else [])
+    sizes = [4096 * 4**k for k in range(5)]  # 4 KiB … 1 MiB
+    a2a = {(r["peer"], r["bytes"]): r for r in result["all_to_all"]}
+    assert sorted(a2a) == sorted((p, n) for p in peers for n in sizes)
+    for (_, n), r in a2a.items():  # busBW = (p−1)/p·n/t; speed = t(MPICH)/t
+        assert r["busbw_GBps"] == pytest.approx(n / 2 / (r["median_us"] * 1e-6) / 1e9)
+        assert r["speed_vs_mpich"] == pytest.approx(
+            a2a[("MPICH Alltoallv", n)]["median_us"] / r["median_us"])
+    rows = {r["peer"]: r for r in result["training"]}
+    assert list(rows) == ["single (cp)", "cp=2", "cp=2 load_balance", "single (ep)", "dp=2",
+                          "ep=2"]
+    for row in rows.values():
+        assert not row["errors"] and row["step_ms"] > 0 and row["params_gap_vs_single"] < 1e-10
+    c = result["configs"]["cp"]
+    N, T, d, L, H = c["batch"], c["context"], c["d_model"], c["n_layers"], c["n_heads"]
+    gpt = nn.gpt(96, T, d, H, L)
+    B = N * (T // 2) * d * 8  # one rank's K (or V) of one block: forward 2B, backward 4B + 2B
+    ring = 8 * gpt.num_params  # ring all-reduce on 2 ranks: 2(p−1)/p·Ψ·8 (Ψ even)
+    assert gpt.num_params % 2 == 0
+    single_act = rows["single (cp)"]["activations_per_rank"][0]
+    assert single_act == memory.megatron_activation_bytes(N, T, gpt)
+    for name in ("cp=2", "cp=2 load_balance"):
+        assert rows[name]["step_bytes_per_rank"] == [L * 8 * B + ring] * 2
+        held = rows[name]["activations_per_rank"]
+        assert held[0] == held[1] == memory.context_activation_bytes(N, T, gpt, 2)
+        lse, softmax = L * H * N * (T // 2) * 8, L * H * N * T * T * 8  # kept vs never kept
+        assert 2 * (held[0] - lse) + softmax == single_act
+    e = result["configs"]["ep"]
+    moe = nn.gpt(96, e["context"], e["d_model"], e["n_heads"], e["n_layers"],
+                 n_experts=e["n_experts"], top_k=e["top_k"])
+    psi_x = 2 * e["d_model"] * 4 * e["d_model"] + 4 * e["d_model"] + e["d_model"]
+    assert rows["ep=2"]["params_held_per_rank"] == [
+        8 * (moe.num_params - e["n_layers"] * e["n_experts"] // 2 * psi_x)] * 2
+    assert rows["dp=2"]["params_held_per_rank"] == [8 * moe.num_params] * 2
+    assert rows["dp=2"]["step_bytes_per_rank"] == [sum(cost.bytes_per_rank(
+        "all_reduce", "ring", n, 8, 2)[0][0] for n in _bucket_sizes(moe.num_params))] * 2
+    assert all(0 < a < b for a, b in zip(rows["ep=2"]["all_to_all_bytes_per_rank"],
+                                         rows["ep=2"]["bytes_per_rank"], strict=True))
+    assert max(rows["ep=2"]["step_bytes_per_rank"]) < min(rows["dp=2"]["step_bytes_per_rank"])
+    by = {name: row["step_ms"] for name, row in rows.items()}
+    assert result["step_time_ratios"] == {"cp=2 / single (cp)": by["cp=2"] / by["single (cp)"],
+                                          "cp=2 load_balance / single (cp)":
+                                          by["cp=2 load_balance"] / by["single (cp)"],
+                                          "ep=2 / dp=2": by["ep=2"] / by["dp=2"]}
+    assert rows["ep=2"]["speed_vs_single"] == by["single (ep)"] / by["ep=2"]
+
+
+def _bucket_sizes(n, per_bucket=(1 << 20) // 8):
+    """data_parallel's default buckets of 1 MiB of float64s, written out."""
+    return [min(per_bucket, n - start) for start in range(0, n, per_bucket)]

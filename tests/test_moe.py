@@ -4,6 +4,7 @@ against a loop over tokens, the activation ledger, causality, recompute, the lay
 errors (tests/test_moe_training.py trains it with every strategy)."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def test_routing_and_aux_loss_match_a_loop_over_tokens(top_k, capacity_factor):
     X = X_SEQ.copy()
     y = layer.forward(X)
     expected_capacity = None if capacity_factor is None else math.ceil(
-        capacity_factor * top_k * 5 / E)
+        Fraction(str(capacity_factor)) * top_k * 5 / E)  # exact: 0.4·3·5/3 = 2, not 2.0…04
     assert layer.capacity == expected_capacity
     out, aux, assignment, kept = reference_moe(layer, X)
     np.testing.assert_allclose(y, out, rtol=0, atol=1e-13)
@@ -271,3 +272,13 @@ def test_moe_input_must_be_a_batch_of_sequences():
     nn.Sequential([layer], nn.MSELoss())
     with pytest.raises(ValueError, match=r"expects input of shape \(N, T, 4\), got \(5, 4\)"):
         layer.forward(np.zeros((5, D)))
+
+
+def test_capacity_is_the_exact_ceiling_not_a_rounded_float():
+    """⌈1.1 · 1 · 50 / 5⌉ = 11: in floats the product is 11.000000000000002, whose ceiling is 12."""
+    from minidist.nn.moe import MoE
+
+    layer = MoE(8, 16, 5, top_k=1, capacity_factor=1.1)
+    layer.bind(*[{k: np.zeros(s) for k, s in layer.param_shapes().items()} for _ in range(2)])
+    layer.forward(np.random.default_rng(0).normal(size=(1, 50, 8)))
+    assert layer.capacity == 11

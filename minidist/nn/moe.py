@@ -36,6 +36,7 @@ the router through the gate values and P only (∂aux/∂p_(n,t)[e] = E · f_ne 
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -144,7 +145,8 @@ class MoE(Composite):
         if self.capacity_factor is None:
             self.capacity, kept = None, np.ones((N * T, k), bool)
         else:  # position in the expert's queue: the earlier tokens of my sequence that chose it
-            self.capacity = math.ceil(self.capacity_factor * k * T / E)
+            # exact: ⌈1.1 · 50 / 5⌉ is 11, but 1.1 * 50 / 5 in floats is 11.000000000000002
+            self.capacity = math.ceil(Fraction(str(self.capacity_factor)) * k * T / E)
             before = (np.cumsum(chose, axis=1) - chose).reshape(N * T, E)
             kept = np.take_along_axis(before, choice, axis=1) < self.capacity
         top1 = chose if k == 1 else np.eye(E, dtype=np.int64)[choice[:, 0]].reshape(N, T, E)
