@@ -6,7 +6,7 @@ prints as ✔ or ✘ with the reason, and is truthy when passed. One module per 
 
     gradient_descent (1) · gpu_kernels (2) · collectives (3) · distributed_gd (4) ·
     data_parallel (5) · parameter_server (6) · model_parallel (7) · compression (8) · planning (9) ·
-    transformers (10) · sharding (11) · parallel_transformers (12)
+    transformers (10) · sharding (11) · parallel_transformers (12) · long_context (13)
 
 Lessons 1–11 show worked solutions at their end; from lesson 12 on, the reference solutions
 live in `minidist.exercises.solutions`, for instructors, and not on the lesson's page.
@@ -24,6 +24,7 @@ from minidist.exercises.gradient_descent import (
                                                  check_gradient,
                                                  half_mse,
 )
+from minidist.exercises.long_context import check_expert_dispatch, check_softmax_combine
 from minidist.exercises.model_parallel import (
                                                  check_bubble_fraction,
                                                  check_row_parallel_backward,
@@ -43,4 +44,5 @@ __all__ = [
     "check_qsgd_codes", "check_model_states", "check_pipeline_compute",
     "check_causal_attention", "check_layernorm_backward", "check_zero1_step",
     "check_bucket_hooks", "check_attention_take", "check_interleaved_ops",
+    "check_softmax_combine", "check_expert_dispatch",
 ]
