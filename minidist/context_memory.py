@@ -15,10 +15,18 @@ Also the tokens N·T_r, ln_f N·T_r·d + N·T_r, the head's input N·T_r·d, the
 N·T_r·V and the labels N·T_r (tokens and labels int64). Every term is proportional to T_r, so
 c ranks hold exactly 1/c of what context_parallel on one rank holds; against a one-rank GPT
 (memory.gpt_activation_elements), c·(rank's − its lse) + P = single's, P = L·H·N·T².
+
+The peak (context_peak_bytes) adds the model states and ring attention's blocks in flight:
+a rank sends one block while it receives the next, B = N·T_r·H·d_h·b the bytes of one rank's
+K, so 2·2B in a forward pass (K, V) and 2·4B in a backward (K, V, ∂K, ∂V). The backward's
+moments come while the layers keep all they kept after the forward (with recompute: the
+block inputs and the block rebuilt, the ledger's worst moment), so
+
+    peak = params + grads + optimizer + context_activation_bytes + 8B   (c > 1, L ≥ 1)
 """
 
 from minidist.megatron_memory import INT64_PARTS
-from minidist.zero_memory import _count
+from minidist.zero_memory import _count, model_state_bytes
 
 
 def context_activation_elements(N, T, model, cp=1, load_balance=False, recompute=None):
@@ -53,3 +61,19 @@ def context_activation_bytes(N, T, model, cp=1, load_balance=False):
         held += itemsize * context_activation_elements(
             N, T, model, cp, load_balance, recompute=False)["blocks"] // model.n_layers
     return held
+
+
+def context_peak_bytes(N, T, model, cp=1, load_balance=False, optimizer="sgd"):
+    """The peak bytes a rank of cp = c reaches in a step, as `History.memory[r]["peak"]`:
+    Ψ·b params + Ψ·b grads + the optimizer's state (model_state_bytes; "sgd" keeps its
+    velocity, "adam" m and v) + context_activation_bytes + 8·N·(T/c)·H·d_h·b, the backward's
+    two stacked K, V, ∂K, ∂V blocks in flight (0 when c = 1 or without blocks)."""
+    precision = {8: "fp64", 4: "fp32"}.get(model.dtype.itemsize)
+    if precision is None:
+        raise ValueError(f"context_peak_bytes counts float64 or float32 models, got a model "
+                         f"of {model.dtype}")
+    held = context_activation_bytes(N, T, model, cp, load_balance)
+    states = model_state_bytes(model.num_params, precision, optimizer)
+    c = int(cp)
+    B = N * (T // c) * model.d_model * model.dtype.itemsize  # a GPT's H·d_h = d_model
+    return sum(states.values()) + held + (8 * B if c > 1 and model.n_layers else 0)

@@ -21,6 +21,7 @@ import numpy as np
 from minidist.context_memory import (  # noqa: F401  (re-exported: a context-parallel GPT's)
     context_activation_bytes,
     context_activation_elements,
+    context_peak_bytes,
 )
 from minidist.errors import OutOfMemory
 from minidist.expert_cost import expert_parallel_param_bytes  # noqa: F401  (re-exported)

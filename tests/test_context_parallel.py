@@ -130,6 +130,7 @@ def test_context_parallel_reproduces_single_and_its_formulas(c, load_balance, re
     hist, model = cp_run(c, load_balance, recompute), gpt(recompute)
     assert_same_training(hist, single(recompute))
     for r in range(c):
+        assert (hist.details[r]["dp"], hist.details[r]["cp"]) == (0, r)
         sent = cost.context_parallel_bytes_per_rank(model, BATCH, T, c, r, "ring", load_balance,
                                                     by="collective")
         assert hist.bytes_sent[r] == STEPS * sent["total"] > 0
@@ -139,6 +140,23 @@ def test_context_parallel_reproduces_single_and_its_formulas(c, load_balance, re
         assert hist.memory[r]["activations"] == memory.context_activation_bytes(
             BATCH, T, model, c, load_balance)
         assert hist.memory[r]["params"] == hist.memory[r]["grads"] == 8 * model.num_params
+        assert hist.memory[r]["peak"] == memory.context_peak_bytes(BATCH, T, model, c,
+                                                                   load_balance)
+
+
+@pytest.mark.parametrize("load_balance", [False, True], ids=["contiguous", "balanced"])
+def test_the_peak_counts_the_ring_blocks_in_flight_for_three_ranks(load_balance):
+    """c = 3 on T = 6: the peak is the model states, the activations and the backward's two
+    stacked (K, V, ∂K, ∂V) blocks, one sent and one received: 8·N·(T/c)·d·b."""
+    model, c, T6 = gpt(), 3, 6
+    hist = train(gpt, X[:, :T6], Y[:, :T6], strategy="context_parallel", workers=c,
+                 backend="thread", load_balance=load_balance, **KWARGS)
+    assert_same_training(hist, train(gpt, X[:, :T6], Y[:, :T6], **KWARGS))
+    in_flight = 8 * BATCH * (T6 // c) * 16 * 8
+    for held in hist.memory:
+        assert held["peak"] == memory.context_peak_bytes(BATCH, T6, model, c, load_balance)
+        assert held["peak"] == 3 * 8 * model.num_params + held["activations"] + in_flight
+        assert held["activations"] == memory.context_activation_bytes(BATCH, T6, model, c)
 
 
 def test_bytes_per_part_follow_the_ring():
@@ -151,6 +169,12 @@ def test_bytes_per_part_follow_the_ring():
     assert parts["gradients"] == cost.bytes_per_rank("all_reduce", "ring", model.num_params,
                                                      8, c)[1][0]
     assert cost.context_parallel_bytes_per_rank(model, BATCH, T, 1)["total"] == 0
+    for d, rows in enumerate((4, 3)):  # dp × cp: 7 sequences over 2 replicas, 4 + 3
+        hybrid = cost.context_parallel_bytes_per_rank(model, 7, T, c, 1, dp=2, dp_rank=d)
+        plain = cost.context_parallel_bytes_per_rank(model, rows, T, c, 1)
+        assert all(hybrid[part] == plain[part] for part in ("forward", "backward", "recompute"))
+        assert hybrid["gradients"] == cost.bytes_per_rank("all_reduce", "ring",
+                                                          model.num_params, 8, 2 * c)[d * c + 1][0]
 
 
 @pytest.mark.usefixtures("leaves_nothing_behind")
@@ -230,6 +254,9 @@ def test_the_formulas_refuse_layouts_that_cannot_run():
         (lambda: memory.context_activation_elements(8, 8, nn.mlp([4, 2])), "GPT"),
         (lambda: cost.context_parallel_bytes_per_rank(model, 8, 8, 2, rank=2), "rank"),
         (lambda: cost.context_parallel_bytes_per_rank(model, 8, 8, 2, by="op"), "by"),
+        (lambda: cost.context_parallel_bytes_per_rank(model, 8, 8, 2, dp=2, dp_rank=2),
+         r"dp_rank must be an integer in \[0, 2\) for dp=2, got 2"),
+        (lambda: cost.context_parallel_bytes_per_rank(model, 1, 8, 2, dp=2), "batch_size"),
     ]:
         with pytest.raises(ValueError, match=match):
             call()

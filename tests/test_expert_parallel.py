@@ -176,14 +176,17 @@ def test_dp_times_cp_reproduces_single_and_its_formulas():
     hist = train(dense, X, Y, strategy="hybrid", workers=4, dp=2, cp=2, load_balance=True,
                  backend="thread", algorithm="ring", **KWARGS)
     assert_same_training(hist, reference)
-    psi = dense().num_params
     for r in range(4):  # the ring of replica r // 2 on its half of the batch; AR over all 4
-        ring = cost.context_parallel_bytes_per_rank(dense(), BATCH // 2, T, 2, r % 2,
-                                                    load_balance=True, by="collective")
-        assert hist.stats[r]["send"]["bytes_sent"] == STEPS * ring["send"] > 0
-        assert hist.stats[r]["all_reduce"]["bytes_sent"] == STEPS * cost.bytes_per_rank(
-            "all_reduce", "ring", psi, 8, 4)[r][0]
-        assert hist.details[r]["chunks"] == [[(0, 2), (6, 8)], [(2, 4), (4, 6)]][r % 2]
+        d, k = divmod(r, 2)
+        sent = cost.context_parallel_bytes_per_rank(dense(), BATCH, T, 2, k, "ring", True,
+                                                    by="collective", dp=2, dp_rank=d)
+        assert hist.bytes_sent[r] == STEPS * sent["total"]
+        for op in ("send", "all_reduce"):
+            assert hist.stats[r][op]["bytes_sent"] == STEPS * sent[op] > 0
+        assert hist.memory[r]["peak"] == memory.context_peak_bytes(BATCH // 2, T, dense(), 2,
+                                                                   True)
+        assert (hist.details[r]["dp"], hist.details[r]["cp"]) == (d, k)
+        assert hist.details[r]["chunks"] == [[(0, 2), (6, 8)], [(2, 4), (4, 6)]][k]
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -191,6 +194,8 @@ def test_dp_times_cp_reproduces_single_and_its_formulas():
 @pytest.mark.parametrize("model_fn, options, match", [
     (moe_gpt, {"strategy": "expert_parallel", "workers": 3},
      r"n_experts=4 must be divisible by workers=3"),
+    (moe_gpt, {"strategy": "expert_parallel", "workers": 2, "algorithm": "fast"},
+     r"unknown all-reduce algorithm 'fast'; allowed: naive, tree, ring"),
     (functools.partial(nn.gpt, V, T, d_model=16, n_heads=2), {"strategy": "expert_parallel",
                                                                "workers": 2},
      r"needs nn.gpt\(..., n_experts=E\), got GPT\("),
@@ -208,7 +213,7 @@ def test_dp_times_cp_reproduces_single_and_its_formulas():
      r"dp×ep = 1×2 = 2 ranks, but workers=4"),
     (nn.gpt, {"strategy": "hybrid", "workers": 2, "dp": 2, "load_balance": True},
      r"load_balance=True .* needs cp > 1"),
-], ids=["E%e", "dense", "E%ep", "cp-ep", "ep-tp", "ep-micro", "cp-pp", "workers",
+], ids=["E%e", "algorithm", "dense", "E%ep", "cp-ep", "ep-tp", "ep-micro", "cp-pp", "workers",
         "load_balance"])
 def test_bad_jobs_are_named_before_any_rank_starts(monkeypatch, model_fn, options, match):
     monkeypatch.setattr(launch, "run", lambda *a, **k: pytest.fail("ranks started"))

@@ -15,16 +15,16 @@ chunk, so that every rank does the same causal attention work). Then
                of the weighted gradients per step, as data parallelism
 
 and every rank takes the same optimizer step. Activations per rank are 1/c of a one-rank
-run's (memory.context_activation_bytes), and ring attention never keeps the T×T softmax;
-bytes per rank and step: cost.context_parallel_bytes_per_rank.
+run's (memory.context_activation_bytes), and ring attention never keeps the T×T softmax; the
+peak adds the ring's blocks in flight (memory.context_peak_bytes); bytes per rank and step:
+cost.context_parallel_bytes_per_rank.
 """
 
 import numpy as np
 
 from minidist import memory
-from minidist.data import shard_bounds
 from minidist.nn.transformer import GPT, Block, Embedding
-from minidist.parallel.job import Clock, merge_stats, report
+from minidist.parallel.job import Clock, check_algorithm, merge_stats, report
 from minidist.parallel.ring_attention import RingAttention, chunks
 
 OPTIONS = {"load_balance": False, "algorithm": "auto"}
@@ -32,11 +32,7 @@ OPTIONS = {"load_balance": False, "algorithm": "auto"}
 
 def check_options(options):
     """algorithm: one of the all-reduce algorithms (the gradients' all-reduce)."""
-    from minidist.comm import ALGORITHMS
-
-    if options.get("algorithm", "auto") not in ALGORITHMS:
-        raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
-                         f"allowed: {', '.join(ALGORITHMS)}")
+    check_algorithm(options)
 
 
 def check_job(model_fn, workers, batch_size, options, data_shape):
@@ -118,11 +114,11 @@ def worker(comm, job, dp=1):
                       optimizer=memory.optimizer_bytes(optimizer))
     comm.stats.reset()  # count the training's traffic, not the set-up's
     losses = []
-    for t, batch in enumerate(job.global_batches(comm.rank)):
+    for t, (batch, weight) in enumerate(job.my_batches(comm.rank, comm.world_size,
+                                                        ring.world_size)):
         clock.begin(t)
-        start, stop = shard_bounds(len(batch), d, dp)
-        rows = np.ix_(batch[start:stop], positions)
-        share = len(positions) / T * ((stop - start) / len(batch))  # (T_r/T)·(|B_d|/|B|)
+        rows = np.ix_(batch, positions)
+        share = len(positions) / T * weight  # (T_r/T)·(|B_d|/|B|)
         losses.append(share * clock.forward_backward(model, job.X[rows], job.y[rows]))
         model.grads *= share
         clock.timed("comm", comm.all_reduce, model.grads, "sum", options["algorithm"])
@@ -133,7 +129,7 @@ def worker(comm, job, dp=1):
         merge_stats(comm, [ring])
     out = report(comm, model.params, losses, clock)
     attention = next(block.attn for block in model.layers if isinstance(block, Block))
-    out["details"] = {"chunks": mine, "block_pairs": dict(attention.block_pairs),
+    out["details"] = {"dp": d, "cp": k, "chunks": mine, "block_pairs": dict(attention.block_pairs),
                       "chunk_len": mine[0][1] - mine[0][0],
                       "compute_time": clock.compute.copy()}
     return out

@@ -32,7 +32,7 @@ from minidist.data import check_integer, shard_bounds
 from minidist.nn import UnitHooks
 from minidist.parallel import compression
 from minidist.parallel.buckets import buckets, units
-from minidist.parallel.job import Clock, report
+from minidist.parallel.job import Clock, check_algorithm, report
 from minidist.precision import LOSS_SCALE, MixedPrecision
 
 OPTIONS = {"bucket_bytes": 1 << 20, "accumulate": 1, "algorithm": "auto", "overlap": False,
@@ -43,13 +43,9 @@ def check_options(options):
     """bucket_bytes >= 1, accumulate >= 1 (integers), algorithm one of the all-reduce
     algorithms; overlap not with compression or local_steps > 1 (they send something else
     than the gradient's buckets)."""
-    from minidist.comm import ALGORITHMS
-
     check_integer("bucket_bytes", options.get("bucket_bytes", 1))
     check_integer("accumulate", options.get("accumulate", 1))
-    if options.get("algorithm", "auto") not in ALGORITHMS:
-        raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r}; "
-                         f"allowed: {', '.join(ALGORITHMS)}")
+    check_algorithm(options)
     compression.check_options(options)
     if options.get("overlap", False) and (options.get("compression") is not None
                                           or options.get("local_steps", 1) > 1):

@@ -24,11 +24,9 @@ Bytes: cost.expert_parallel_bytes_per_rank; parameters: memory.expert_parallel_p
 import numpy as np
 
 from minidist import memory
-from minidist.data import shard_bounds
 from minidist.nn.moe import MoE, aux_loss, moe_layers
 from minidist.nn.transformer import GPT
-from minidist.parallel.context_parallel import check_options  # noqa: F401  (the same option)
-from minidist.parallel.job import Clock, merge_stats, report
+from minidist.parallel.job import Clock, check_algorithm, merge_stats, report
 from minidist.parallel.shard import gather_params
 
 OPTIONS = {"algorithm": "auto"}
@@ -176,6 +174,11 @@ class ExpertShard:
                 del layer.loss_weight
 
 
+def check_options(options):
+    """algorithm: one of the all-reduce algorithms (the gradients' all-reduces)."""
+    check_algorithm(options)
+
+
 def check_job(model_fn, workers, batch_size, options, data_shape, dp=1, name="workers"):
     """Before any rank starts: a mixture-of-experts GPT whose n_experts the e = workers / dp
     ranks of an ep group divide (`name`: how the caller calls e), one row per rank at least."""
@@ -210,10 +213,8 @@ def worker(comm, job, dp=1):
                       optimizer=memory.optimizer_bytes(optimizer))
     comm.stats.reset()  # count the training's traffic, not the set-up's
     losses, tokens_to = [], []
-    for t, batch in enumerate(job.global_batches(comm.rank)):
+    for t, (rows, share) in enumerate(job.my_batches(comm.rank, comm.world_size)):
         clock.begin(t)
-        start, stop = shard_bounds(len(batch), comm.rank, comm.world_size)
-        rows, share = batch[start:stop], (stop - start) / len(batch)
         loss = clock.timed("compute", shard.loss, job.X[rows], job.y[rows], event="forward")
         tokens_to.append(np.array([layer.tokens_to for layer in shard.moes]))
         memory.track([*shard.layers, shard.criterion], clock.ledger)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minidist import data, memory, optim
+from minidist.comm import ALGORITHMS
 from minidist.trace import Trace
 
 
@@ -31,10 +32,13 @@ class Job:
     progress: str = ""  # a progress-bar label, shown by rank 0; "" for none
     max_memory_per_rank: int = None  # bytes a rank may hold (memory.Ledger); None: no limit
 
-    def my_batches(self, rank, world_size):
-        """(indices of my shard of the global batch, its weight |B_k|/|B|), step by step."""
+    def my_batches(self, rank, world_size, replica_size=1):
+        """(indices of my shard of the global batch, its weight |B_k|/|B|), step by step.
+        replica_size: the consecutive ranks that share one shard (a context-parallel ring):
+        rank r takes shard k = r // replica_size of the world_size / replica_size replicas."""
+        replica, replicas = rank // replica_size, world_size // replica_size
         for batch in self.global_batches(rank):
-            start, stop = data.shard_bounds(len(batch), rank, world_size)
+            start, stop = data.shard_bounds(len(batch), replica, replicas)
             yield batch[start:stop], (stop - start) / len(batch)
 
     def global_batches(self, rank):
@@ -49,6 +53,17 @@ class Job:
 
     def make_optimizer(self, params):
         return optim.make(self.optimizer, params, self.lr, **self.optimizer_options)
+
+
+def check_algorithm(options, allowed=ALGORITHMS, scope=None, note=""):
+    """A ValueError, naming the allowed ones, unless options["algorithm"] (default "auto") is
+    one of `allowed`, the all-reduce algorithms a strategy runs; scope: for what (the message
+    says "for {scope}"), note: a reason appended to the list."""
+    name = options.get("algorithm", "auto")
+    if name not in allowed:
+        raise ValueError(f"unknown all-reduce algorithm {name!r}"
+                         f"{f' for {scope}' if scope else ''}; allowed: {', '.join(allowed)}"
+                         f"{note}")
 
 
 EVENTS = {"all_reduce": "all_reduce", "send": "send", "recv": "recv", "step": "optimizer"}
@@ -77,6 +92,7 @@ class Clock:
         self.t, self.started = 0, 0.0
         self.trace = Trace()
         self.ledger = memory.Ledger(budget, rank)
+        self.parts = []  # the layers and loss of the model forward_backward runs
 
     def begin(self, t):
         self.t, self.started = t, time.perf_counter()
@@ -111,10 +127,17 @@ class Clock:
 
     def forward_backward(self, model, X, y):
         """model.loss_and_grad(X, y) as two timed events, forward (with the loss) and backward."""
+        self.parts = [*model.layers, model.criterion]
         loss = self.timed("compute", model.loss, X, y, event="forward")
-        memory.track([*model.layers, model.criterion], self.ledger)
+        memory.track(self.parts, self.ledger)
         self.timed("compute", model.backward, event="backward")
         return loss
+
+    def moment(self, transient=0):
+        """Show the ledger this moment, from inside forward_backward: what the model's layers
+        keep for backward now, and `transient` bytes beside them (ring attention's blocks in
+        flight)."""
+        self.ledger.saw(memory.activation_bytes(self.parts), transient)
 
 
 def merge_stats(comm, groups):

@@ -25,12 +25,18 @@ log-sum-exp (no T×T matrix is kept), with D = rowsum(∂O ⊙ O):
 The K/V blocks go around the ring again, each with its ∂K, ∂V accumulators: every rank adds
 its queries' share to the block it holds before passing it on, and after c − 1 steps one more
 send brings each accumulator home to its owner.
+
+Memory: while a block travels a rank holds the one it sends and the one it receives, with
+B = N·(T/c)·H·d_h·b the bytes of one rank's K: 2·2B in the forward (K, V each way), 2·4B in
+the backward (K, V, ∂K, ∂V each way); the clock's ledger sees them as transient bytes
+(memory.context_peak_bytes).
 """
 
 import math
 
 import numpy as np
 
+from minidist import memory
 from minidist.data import check_integer
 from minidist.nn.attention import CausalSelfAttention
 
@@ -122,11 +128,15 @@ class RingAttention(CausalSelfAttention):
         return scores
 
     def _pass(self, block):
-        """Send `block` to rank r+1, receive the next one from rank r−1 (timed as comm)."""
+        """Send `block` to rank r+1, receive the next one from rank r−1 (timed as comm); the
+        clock's ledger sees both held at once, as transient bytes."""
         c, r = self.comm.world_size, self.comm.rank
+        sent = block
         for fn, args in ((self.comm.send, (block, (r + 1) % c, RING_TAG)),
                          (self.comm.recv, ((r - 1) % c, RING_TAG))):
             block = fn(*args) if self.clock is None else self.clock.timed("comm", fn, *args)
+        if self.clock is not None:
+            self.clock.moment(transient=memory.array_bytes(sent, block))
         return block
 
     def attend(self):
@@ -171,6 +181,8 @@ class RingAttention(CausalSelfAttention):
             if step < c - 1:
                 block = self._pass(block)
         dK, dV = block[2:]
-        if c > 1:  # the accumulators of rank r+1's block go home
-            dK, dV = self._pass(np.stack([dK, dV]))
+        if c > 1:  # the accumulators of rank r+1's block go home (its K, V let go first)
+            home = np.stack([dK, dV])
+            del block, K, V, dK, dV
+            dK, dV = self._pass(home)
         return dQ, dK, dV

@@ -26,6 +26,7 @@ from minidist.comm import ALGORITHMS
 from minidist.cost import bytes_per_rank
 from minidist.data import shard_bounds
 from minidist.nn import Block, Embedding, Layer, Linear, ReLU, Tanh
+from minidist.parallel.job import check_algorithm
 
 OPTIONS = {"algorithm": "auto", "sequence_parallel": False}
 ELEMENTWISE = (ReLU, Tanh)
@@ -249,12 +250,10 @@ def block_bytes(n, d_in, d_hidden, d_out, t, itemsize=8, first=True, algorithm="
 
 
 def check_options(options):
-    allowed = [name for name in ALGORITHMS if name != "native"]
-    if options.get("algorithm", "auto") not in allowed:
-        raise ValueError(f"unknown all-reduce algorithm {options['algorithm']!r} for model "
-                         f"parallelism; allowed: {', '.join(allowed)} (not 'native': the tp, pp "
-                         f"and dp groups are sub-communicators, which have no native "
-                         f"collectives; 'auto' runs the ring on them)")
+    check_algorithm(options, [name for name in ALGORITHMS if name != "native"],
+                    "model parallelism", " (not 'native': the tp, pp and dp groups are "
+                    "sub-communicators, which have no native collectives; 'auto' runs the "
+                    "ring on them)")
     sequence = options.get("sequence_parallel", False)
     if not isinstance(sequence, (bool, np.bool_)):
         raise TypeError(f"sequence_parallel must be True or False, got {sequence!r}")
