@@ -211,7 +211,9 @@ def gloo_worker(rank, ranks, sizes, quick, store_path, out_path):
     dist.destroy_process_group()
 
 
-def run_gloo(ranks, sizes, quick):
+def run_gloo(ranks, sizes, quick, worker=gloo_worker, label="PyTorch gloo"):
+    """`worker`(rank, ranks, sizes, quick, store, out) on `ranks` spawned processes, rank 0
+    writing {nbytes: seconds}: ({(label, nbytes): seconds}, torch's version)."""
     try:
         import torch
         import torch.multiprocessing as tmp_mp
@@ -220,12 +222,12 @@ def run_gloo(ranks, sizes, quick):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "gloo.json"
         try:
-            tmp_mp.spawn(gloo_worker, nprocs=ranks, join=True,
+            tmp_mp.spawn(worker, nprocs=ranks, join=True,
                          args=(ranks, sizes, quick, str(Path(tmp) / "store"), str(out)))
         except (tmp_mp.ProcessExitedException, tmp_mp.ProcessRaisedException) as error:
             raise PeerCrashed(str(error).strip().splitlines()[0]) from error
         data = json.loads(out.read_text())
-    return {("PyTorch gloo", int(k)): np.array(v) for k, v in data.items()}, torch.__version__
+    return {(label, int(k)): np.array(v) for k, v in data.items()}, torch.__version__
 
 
 class PeerCrashed(RuntimeError):

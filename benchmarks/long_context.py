@@ -175,26 +175,13 @@ def main(argv=None):
     sys.path.insert(0, str(HERE))  # run_info, allreduce, transformer, data_parallel
     import long_context_all_to_all as a2a
     from allreduce import sizes_in_bytes
-    from run_info import add_quiet_options, run_info
+    from run_info import parse_peer_options, peer_options, run_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny models, 3 steps, all_to_all up to 1 MiB, one repeat")
-    parser.add_argument("--repeats", type=int, help="runs per peer (default 3, quick 1)")
-    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch gloo out")
-    add_quiet_options(parser, wait=0.0, busy=0.5, retries=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
-                        help="where long_context.json and .png go")
-    args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
-    if repeats < 1:
-        parser.error("--repeats must be >= 1")
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-        except ImportError:
-            print("no torch: PyTorch gloo is left out", file=sys.stderr)
+    peer_options(parser, RESULTS, "long_context", "PyTorch gloo")
+    args, repeats, torch = parse_peer_options(parser, argv, "PyTorch gloo")
     configs = QUICK if args.quick else {"cp": CP, "ep": EP}
     sizes = sizes_in_bytes(1 if args.quick else 16)
     load_before, started = os.getloadavg(), time.perf_counter()

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import allreduce
 import numpy as np
 from allreduce import PeerCrashed, repetitions, run_peer, time_calls
 
@@ -135,20 +136,8 @@ def gloo_worker(rank, p, sizes, quick, store, out_path):
 
 
 def run_gloo(p, sizes, quick):
-    try:
-        import torch
-        import torch.multiprocessing as tmp_mp
-    except ImportError:
-        return None, "torch not installed (pip install 'minidist[bench]')"
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "gloo.json"
-        try:
-            tmp_mp.spawn(gloo_worker, nprocs=p, join=True,
-                         args=(p, sizes, quick, str(Path(tmp) / "store"), str(out)))
-        except (tmp_mp.ProcessExitedException, tmp_mp.ProcessRaisedException) as error:
-            raise PeerCrashed(str(error).strip().splitlines()[0]) from error
-        data = json.loads(out.read_text())
-    return {(GLOO, int(k)): np.array(v) for k, v in data.items()}, f"torch {torch.__version__}"
+    """allreduce.run_gloo with this file's all_to_all_single worker."""
+    return allreduce.run_gloo(p, sizes, quick, gloo_worker, GLOO)
 
 
 RUNNERS = {"minidist": run_minidist, MPICH: run_mpich, GLOO: run_gloo}

@@ -188,25 +188,12 @@ def summarize(runs, single):
 
 def main(argv=None):
     sys.path.insert(0, str(HERE))  # run_info, transformer, data_parallel, run from anywhere
-    from run_info import add_quiet_options, run_info
+    from run_info import parse_peer_options, peer_options, run_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny GPT, 3 steps, one repeat")
-    parser.add_argument("--repeats", type=int, help="runs per peer (default 3, quick 1)")
-    parser.add_argument("--no-torch", action="store_true", help="leave the PyTorch peers out")
-    add_quiet_options(parser, wait=0.0, busy=0.5, retries=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
-                        help="where parallel_transformer.json and .png go")
-    args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
-    if repeats < 1:
-        parser.error("--repeats must be >= 1")
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-        except ImportError:
-            print("no torch: the PyTorch peers are left out", file=sys.stderr)
+    peer_options(parser, RESULTS, "parallel_transformer", "the PyTorch peers")
+    args, repeats, torch = parse_peer_options(parser, argv, "the PyTorch peers")
     config = QUICK if args.quick else FULL
     load_before, started = os.getloadavg(), time.perf_counter()
     from threadpoolctl import threadpool_limits

@@ -38,3 +38,30 @@ def add_quiet_options(parser, wait, busy, retries):
                         help="a run during which other processes kept this many cores busy "
                              "is repeated (--retries times at most; the quietest is kept)")
     parser.add_argument("--retries", type=int, default=retries, help="repeats of a disturbed run")
+
+
+def peer_options(parser, results, name, torch_peers="the PyTorch peers"):
+    """--repeats, --no-torch, the quiet-wait options and --out, as the benchmarks that run
+    peers side by side take them (results/name.json and .png go to --out)."""
+    parser.add_argument("--repeats", type=int, help="runs per peer (default 3, quick 1)")
+    parser.add_argument("--no-torch", action="store_true", help=f"leave {torch_peers} out")
+    add_quiet_options(parser, wait=0.0, busy=0.5, retries=0)
+    parser.add_argument("--out", type=type(results), default=results, metavar="DIR",
+                        help=f"where {name}.json and .png go")
+
+
+def parse_peer_options(parser, argv, torch_peers="the PyTorch peers"):
+    """(args, repeats, torch or None): the parsed options, --repeats resolved (3, quick 1) and
+    checked, and torch imported unless --no-torch or missing (then said on stderr)."""
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            print(f"no torch: {torch_peers} left out", file=sys.stderr)
+    return args, repeats, torch
+

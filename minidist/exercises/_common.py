@@ -37,19 +37,27 @@ def _check_timeout(timeout):
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
 
 
-def _train(model_fn, X, y, timeout, **options):
-    """(History, None) or (None, why the run failed)."""
-    from minidist import train
+def _guarded(run, timeout):
+    """(run(), None), or (None, why it failed): a hang, a rank that raised, or any error in
+    the learner's code (reported, never raised)."""
     from minidist.errors import CommTimeout, WorkerError
 
     try:
-        return train(model_fn, X, y, backend="thread", timeout=timeout, **options), None
+        return run(), None
     except CommTimeout as exc:
         return None, f"the ranks hung (ended after {timeout} s): {exc}"
     except WorkerError as exc:
         return None, f"a rank raised {exc.exc_type}: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001 - learner code: report, never raise
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def _train(model_fn, X, y, timeout, **options):
+    """(History, None) or (None, why the run failed): train on thread ranks."""
+    from minidist import train
+
+    return _guarded(lambda: train(model_fn, X, y, backend="thread", timeout=timeout,
+                                  **options), timeout)
 
 
 def _differs(hist, single):

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from minidist.exercises._common import Check
+from minidist.exercises._common import Check, _guarded
 
 SIZES = [64, 24, 10]  # Ψ = 1810: neither 3 nor 4 ranks divide it
 STEPS, BATCH, LR, MOMENTUM = 4, 84, 0.1, 0.9
@@ -49,17 +49,9 @@ def _my_rows(batch, rank, p):
 
 def _run(worker, p, timeout):
     """(rank results, None) or (None, the reason the run failed)."""
-    from minidist.errors import CommTimeout, WorkerError
     from minidist.launch import run
 
-    try:
-        return run(worker, p, backend="thread", timeout=timeout), None
-    except CommTimeout as exc:
-        return None, f"the ranks hung (ended after {timeout} s): {exc}"
-    except WorkerError as exc:
-        return None, f"a rank raised {exc.exc_type}: {str(exc).splitlines()[0]}"
-    except Exception as exc:  # noqa: BLE001 - learner code: report, never raise
-        return None, f"{type(exc).__name__}: {exc}"
+    return _guarded(lambda: run(worker, p, backend="thread", timeout=timeout), timeout)
 
 
 def _zero1_worker(comm, fn, model_fn, X, y):
