@@ -46,8 +46,10 @@ def train_forever(comm):
 def push_forever(client):  # a parameter-server worker
     publish(f"rank{client.rank}.pid", str(os.getpid()))
     client.pull()
+    client.push(np.ones(client.n))
+    client.pull()  # BSP: returns once every worker has pushed clock 0, so both pids are out
     if client.rank == 0:
-        publish("ready", "every worker is training")  # the other has pulled too: BSP
+        publish("ready", "every worker is training")
     while True:
         client.push(np.ones(client.n))
         client.pull()
@@ -92,6 +94,8 @@ def test_sigterm_to_the_caller_stops_the_ranks_and_frees_shared_memory(
     pids = []
     try:
         wait_for(tmp_path / "ready", job, 90)
+        for r in range(2):  # "ready" already implies them; waiting too costs nothing
+            wait_for(tmp_path / f"rank{r}.pid", job, 30)
         pids = [int((tmp_path / f"rank{r}.pid").read_text()) for r in range(2)]
         start = time.monotonic()
         job.send_signal(signal.SIGTERM)
