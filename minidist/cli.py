@@ -1,4 +1,5 @@
-"""`python -m minidist COMMAND`: tour (every strategy), train (one), doctor (what is here)."""
+"""`python -m minidist COMMAND`: tour (every strategy), train (one), doctor (what is here),
+exercises (the coursework) and check (grade a lesson's exercises)."""
 
 import argparse
 import importlib.metadata
@@ -6,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 from minidist.tour import MODEL, STEPS, TOUR, layout, print_table, tour, train_one
 
@@ -88,7 +90,34 @@ def main(argv=None):
         else:
             cmd.add_argument("--outdir", default="minidist-tour")
     commands.add_parser("doctor", help="what is installed, and what to do about what is not")
+    commands.add_parser("exercises", help="every lesson's exercises: what each asks you to build")
+    grade = commands.add_parser(
+        "check", help="grade a lesson's exercises in your .py file(s), notebooks or folders "
+                      "(without a path: the reference solutions); exit code 1 if any fails")
+    grade.add_argument("lesson", help="the lesson: its number (3 or 03) or name (collectives)")
+    grade.add_argument("paths", nargs="*", help="submissions: .py or .ipynb files, or folders "
+                                                "of them, defining the exercises' names")
+    grade.add_argument("--json", metavar="FILE", help="write the gradebook to FILE")
+    grade.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds a submission may take before it is stopped (default 600)")
     args = parser.parse_args(argv)
+    if args.command in ("exercises", "check"):
+        from minidist.exercises import catalog, grading
+
+        if args.command == "exercises":
+            print(grading.listing())
+            return 0
+        try:
+            catalog.lesson_number(args.lesson)
+            grading.submissions(args.paths)
+            if not args.timeout > 0:
+                raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+            if args.json and not Path(args.json).resolve().parent.is_dir():
+                raise ValueError(f"--json: no folder {Path(args.json).resolve().parent} to "
+                                 "write the gradebook in")
+        except (ValueError, FileNotFoundError) as exc:
+            parser.error(str(exc))
+        return grading.check(args.lesson, args.paths, args.json, args.timeout)
     if args.command in ("tour", "demo"):
         tour(args.workers, args.backend, args.steps, args.seed, args.outdir, args.model)
     elif args.command == "train":

@@ -26,7 +26,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from minidist.comm import collectives
+from minidist.comm import collectives, custom
 from minidist.comm.buffers import check_buffer, check_chunks
 from minidist.comm.calls import COLLECTIVE_TAG, NO_CALL, TAG_LIMIT, Call, CollectiveCall
 from minidist.comm.stats import Stats
@@ -158,6 +158,9 @@ class Communicator(AsyncOps):
     def _algorithm(self, name, algorithm, allowed, default):
         """(the function that runs `name` with `algorithm`, the algorithm's name); "auto"
         prefers the native one."""
+        if callable(algorithm):
+            raise ValueError(f"{name}: algorithm must be one of {', '.join(allowed)}; only "
+                             "all_reduce takes a function of yours")
         if algorithm not in allowed:
             raise ValueError(f"unknown algorithm {algorithm!r} for {name}; "
                              f"allowed: {', '.join(allowed)}")
@@ -200,10 +203,12 @@ class Communicator(AsyncOps):
 
     def all_reduce(self, array, op="sum", algorithm="auto", async_op=False):
         """Every rank's `array` becomes the elementwise op over all ranks' arrays (in place);
-        returns it (async_op: a Work whose wait() returns it)."""
+        returns it (async_op: a Work whose wait() returns it). algorithm: one of ALGORITHMS,
+        or your own function fn(comm, array) that sums (custom.py)."""
         check_buffer(array, "all_reduce")
         self._check_op(op, array)
-        run, how = self._algorithm("all_reduce", algorithm, ALGORITHMS, "ring")
+        run, how = (custom.all_reduce(self, algorithm, op) if callable(algorithm)
+                    else self._algorithm("all_reduce", algorithm, ALGORITHMS, "ring"))
 
         def body():
             with self._collective("all_reduce", array, ("op", op), ("algorithm", how)):

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from minidist.exercises._common import Check, _call, _check_timeout, _differs, _train
+from minidist.exercises._common import Check, Exercise, _call, _check_timeout, _differs, _train
 
 V, T = 11, 8  # the GPT of exercise 1: d = 16, 4 heads, 2 blocks
 CP_RUN = {"steps": 3, "batch_size": 8, "lr": 0.1}
@@ -286,3 +286,15 @@ def check_expert_dispatch(fn, world_sizes=(2, 4), timeout=60.0):
                              f"expert-parallel GPT with them trains as one process on e = "
                              f"{', '.join(map(str, sizes))} ranks"
                              + (f" ({notes[0]})" if notes else ""))
+
+
+__all__ = ["check_softmax_combine", "check_expert_dispatch"]
+
+EXERCISES = (
+    Exercise(13, "my_combine", check_softmax_combine, "softmax_combine",
+             "the online-softmax combine of two partial attentions, run inside ring attention "
+             "(context parallelism on 2 and 4 ranks)"),
+    Exercise(13, "my_dispatch", check_expert_dispatch, "expert_dispatch",
+             "the dispatch of tokens to their experts' ranks, run as the all_to_all chunks of "
+             "expert parallelism on 2 and 4 ranks"),
+)

@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from minidist.exercises._common import Check, _call, _check_timeout, _differs, _train
+from minidist.exercises._common import Check, Exercise, _call, _check_timeout, _differs, _train
 
 V, T, D, HEADS = 11, 8, 16, 4  # the GPT of exercise 1: d_h = 4, two blocks, d_ff 4d
 GPT_RUN = {"steps": 3, "batch_size": 8, "lr": 0.1}
@@ -173,17 +173,20 @@ def check_attention_take(fn, world_sizes=(2, 4), timeout=60.0):
 # ----- exercise 2: the interleaved schedule's order of ops ----------------------------------
 
 @contextlib.contextmanager
-def interleaved_schedule(fn):
-    """Inside: schedule="interleaved_1f1b" follows fn(stage, stages, micro_batches, chunks)'s
-    order on every stage — the real pipeline on thread ranks and pipeline.simulate alike; the
-    other schedules are untouched; restored after."""
+def interleaved_schedule(fn, schedule="interleaved_1f1b"):
+    """Inside: `schedule` follows fn's order on every stage — the real pipeline on thread ranks
+    and pipeline.simulate alike: fn(stage, stages, micro_batches, chunks) -> ("F"/"B", j, c)
+    for "interleaved_1f1b", fn(stage, stages, micro_batches) -> ("F"/"B", j) for "1f1b" or
+    "gpipe" (lesson 7); the other schedules are untouched; restored after."""
     from minidist.parallel import pipeline
 
     original = pipeline.schedule_ops
 
-    def schedule_ops(schedule, stage, stages, micro_batches, chunks=1):
-        if schedule != "interleaved_1f1b":
-            return original(schedule, stage, stages, micro_batches, chunks)
+    def schedule_ops(name, stage, stages, micro_batches, chunks=1):
+        if name != schedule:
+            return original(name, stage, stages, micro_batches, chunks)
+        if name != "interleaved_1f1b":
+            return [(op[0], int(op[1])) for op in fn(stage, stages, micro_batches)]
         return [(op[0], int(op[1]), int(op[2])) for op in fn(stage, stages, micro_batches,
                                                                chunks)]
 
@@ -194,32 +197,43 @@ def interleaved_schedule(fn):
         pipeline.schedule_ops = original
 
 
-def _order_problem(ops, s, p, m, v):
+def _order_problem(ops, s, p, m, v=None):
     """The first thing wrong in stage s's list: its ops' form, an F or B missing or run twice,
-    a B before its F (None: none of these)."""
+    a B before its F (None: none of these). v: the chunks of an interleaved stage, whose ops
+    are ("F"|"B", j, c); None for plain 1F1B's ("F"|"B", j) (lesson 7)."""
     from minidist.data import is_integer
 
-    where = f"stage {s} of p = {p} (m = {m}, v = {v})"
+    where = f"stage {s} of p = {p} (m = {m}{f', v = {v}' if v else ''})"
     if not isinstance(ops, (list, tuple)):
         return f"{where}: return a list of ops, got {type(ops).__name__}"
+    width, chunks = (2, 1) if v is None else (3, v)
+    form = "('F' or 'B', micro-batch j" + (")" if v is None else ", chunk c)")
     for i, op in enumerate(ops):
-        if not (isinstance(op, (tuple, list)) and len(op) == 3 and op[0] in ("F", "B")
-                and is_integer(op[1]) and is_integer(op[2])):
-            return f"{where}: op {i} is {op!r}; an op is ('F' or 'B', micro-batch j, chunk c)"
-        if not (0 <= op[1] < m and 0 <= op[2] < v):
-            return (f"{where}: op {i}, {op!r}, is out of range: micro-batches 0…{m - 1}, "
-                    f"local chunks 0…{v - 1}")
-    count = Counter((op[0], int(op[1]), int(op[2])) for op in ops)
-    for op in [(kind, j, c) for kind in "FB" for j in range(m) for c in range(v)]:
+        if not (isinstance(op, (tuple, list)) and len(op) == width and op[0] in ("F", "B")
+                and all(is_integer(k) for k in op[1:])):
+            return f"{where}: op {i} is {op!r}; an op is {form}"
+        if not (0 <= op[1] < m and (v is None or 0 <= op[2] < v)):
+            hint = (f"; with m = {m} < p − s − 1 = {p - s - 1} the warm-up is only m forwards"
+                    if v is None and m < p - s - 1 else "")
+            return (f"{where}: op {i}, {op!r}, is out of range: micro-batches 0…{m - 1}"
+                    f"{'' if v is None else f', local chunks 0…{v - 1}'}{hint}")
+    key = [tuple([op[0], *map(int, op[1:])]) for op in ops]
+    count = Counter(key)
+    for op in [(kind, j, *([] if v is None else [c])) for kind in "FB" for j in range(m)
+               for c in range(chunks)]:
         if count[op] != 1:
             return (f"{where}: {op} {'is missing' if not count[op] else 'runs twice or more'};"
-                    " every micro-batch goes forward and backward once through each chunk")
-    at = {(op[0], int(op[1]), int(op[2])): i for i, op in enumerate(ops)}
-    for (kind, j, c), i in sorted(at.items(), key=lambda item: item[1]):
-        if kind == "B" and at["F", j, c] > i:
-            return (f"{where}: ('B', {j}, {c}) at position {i} comes before its forward "
-                    f"('F', {j}, {c}) at position {at['F', j, c]}: with v chunks the warm-up "
-                    "needs 2(p−s−1) + (v−1)·p forwards (plain 1F1B's p−s−1 are too few)")
+                    f" every micro-batch goes forward and backward once"
+                    f"{'' if v is None else ' through each chunk'}")
+    at = {op: i for i, op in enumerate(key)}
+    for op, i in sorted(at.items(), key=lambda item: item[1]):
+        forward = ("F", *op[1:])
+        if op[0] == "B" and at[forward] > i:
+            why = ("a micro-batch can only go back through a stage it went forward through"
+                   if v is None else "with v chunks the warm-up needs 2(p−s−1) + (v−1)·p "
+                   "forwards (plain 1F1B's p−s−1 are too few)")
+            return (f"{where}: {op} at position {i} comes before its forward {forward} at "
+                    f"position {at[forward]}: {why}")
     return None
 
 
@@ -292,3 +306,15 @@ def check_interleaved_ops(fn, cases=((2, 4, 2), (2, 2, 2), (4, 8, 2), (3, 6, 3))
     return Check(name, True, f"every F and B once, no deadlock, the ideal bubble "
                              f"(p−1)/(v·m+p−1), and real pipelines that train as one process, "
                              f"for (p, m, v) = {', '.join(map(str, cases))}")
+
+
+__all__ = ["check_attention_take", "check_interleaved_ops"]
+
+EXERCISES = (
+    Exercise(12, "my_attention_take", check_attention_take, "attention_take",
+             "the head split of attention: each rank's Q, K, V columns and W_o rows, run as the "
+             "`take` of every layer of a tensor-parallel GPT on 2 and 4 ranks"),
+    Exercise(12, "my_interleaved_ops", check_interleaved_ops, "interleaved_ops",
+             "the interleaved 1F1B schedule's order of ops, followed by a real pipeline on "
+             "thread ranks"),
+)

@@ -1,11 +1,23 @@
-"""Lesson 10 (transformers): causal attention, and LayerNorm's backward."""
+"""Lesson 10 (transformers): causal attention, and LayerNorm's backward.
 
+Each checker first compares the learner's function with an independent reference on random
+problems (minidist's CausalSelfAttention; central finite differences), so that a failure names
+the mask, the scale, the axis or the missing path; then it puts the function INSIDE a GPT
+(every block's attention core, or every LayerNorm's backward) trained on 2 data-parallel thread
+ranks, and compares the training with one process (float64, 1e-10).
+"""
+
+import contextlib
+import functools
 import math
 
 import numpy as np
 
-from minidist.exercises._common import Check, _call
+from minidist.exercises._common import Check, Exercise, _call, _check_timeout, _differs, _train
 from minidist.gradcheck import numerical_gradient, relative_error
+
+VOCAB, CONTEXT = 13, 8  # the GPT of the runs: d = 16, 4 heads of d_h = 4, two blocks
+GPT_RUN = {"steps": 3, "batch_size": 8, "lr": 0.1}
 
 # (N, T, d_model, H): d_head = 4, 8, 4; T ≠ d_head, so the weights P and the output differ in shape
 ATTENTION_CASES = ((2, 5, 12, 3), (1, 7, 16, 2), (3, 6, 8, 2))
@@ -13,12 +25,13 @@ ATTENTION_CASES = ((2, 5, 12, 3), (1, 7, 16, 2), (3, 6, 8, 2))
 
 def _attend(q, k, v, mask="causal", scale=None, axis=-1, after=False):
     """softmax(q kᵀ · scale + M) v over `axis`, with the usual mistakes as options: mask
-    "causal" (M hides s > t), "none" or "wrong" (hides s < t); after: zero the hidden weights
-    after the softmax instead of −∞ before it."""
+    "causal" (M hides s > t), "none", "ahead" (hides s > t + 1) or "wrong" (hides s < t);
+    after: zero the hidden weights after the softmax instead of −∞ before it."""
     T = q.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = q @ k.swapaxes(-1, -2) * scale
     hidden = {"causal": np.triu(np.ones((T, T), bool), k=1), "none": np.zeros((T, T), bool),
+              "ahead": np.triu(np.ones((T, T), bool), k=2),
               "wrong": np.tril(np.ones((T, T), bool), k=-1)}[mask]
     if not after:
         scores = np.where(hidden, -np.inf, scores)
@@ -35,6 +48,8 @@ def _attention_mistakes(q, k, v):
     return [
         (_attend(q, k, v, mask="none"), "position t also sees the later positions s > t: "
          "before the softmax, set the scores above the diagonal (s > t) to −∞"),
+        (_attend(q, k, v, mask="ahead"), "the mask is off by one: position t also sees s = t + 1 "
+         "(the next token, the very one it must predict); hide every s > t, np.triu(…, k=1)"),
         (_attend(q, k, v, mask="wrong"), "the mask is on the wrong side: position t may see "
          "s ≤ t (the lower triangle, diagonal included); hide s > t, np.triu(…, k=1)"),
         (_attend(q, k, v, scale=1.0), f"the scores are not scaled: divide q kᵀ by √d_head = "
@@ -61,30 +76,67 @@ def _attention_problem(rng, N, T, d, H):
     return layer.Q, layer.K, layer.V, heads
 
 
-def _attention_with(layer, fn, X):
-    """`layer`'s forward with the heads computed by fn(Q, K, V): the layer's own forward makes
-    Q, K and V, then fn's output goes through W_o as the layer's own heads would."""
-    type(layer).forward(layer, X)
-    N, T, d = X.shape
-    heads = np.asarray(fn(layer.Q.copy(), layer.K.copy(), layer.V.copy()), dtype=X.dtype)
-    joined = heads.transpose(0, 2, 1, 3).reshape(N * T, d)  # [O_1 … O_H] per position
-    return (joined @ layer.params["W_o"].reshape(d, d) + layer.params["b_o"]).reshape(N, T, d)
+@contextlib.contextmanager
+def attention_core(fn):
+    """Inside: every CausalSelfAttention's core (softmax(Q Kᵀ/√d_h + M) V) returns
+    fn(Q, K, V), the layer's own arrays (on thread ranks, which share the class); the layer
+    still keeps its own P for the backward. Restored after, even on error."""
+    from minidist.nn.attention import CausalSelfAttention
+
+    saved = CausalSelfAttention.__dict__["attend"]
+
+    def attend(self):
+        saved(self)  # P, which the backward needs
+        return np.asarray(fn(self.Q, self.K, self.V), dtype=self.Q.dtype)
+
+    CausalSelfAttention.attend = attend
+    try:
+        yield
+    finally:
+        CausalSelfAttention.attend = saved
 
 
-def check_causal_attention(fn, seed=0):
+def _gpt_problem():
+    """The model, inputs, targets and single-process History of the runs."""
+    from minidist import nn, train
+
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (32, CONTEXT + 1))
+    model_fn = functools.partial(nn.gpt, VOCAB, CONTEXT, d_model=16, n_heads=4, n_layers=2,
+                                 seed=1)
+    return model_fn, tokens[:, :-1], tokens[:, 1:], train(model_fn, tokens[:, :-1],
+                                                         tokens[:, 1:], **GPT_RUN)
+
+
+def _gpt_run(hook, fn, timeout):
+    """Train a GPT on 2 data-parallel thread ranks with `hook(fn)` in place: (why the run
+    failed, None), (None, where it left one process's training) or (None, None)."""
+    model_fn, X, Y, single = _gpt_problem()
+    with hook(fn):
+        hist, failure = _train(model_fn, X, Y, timeout, strategy="data_parallel", workers=2,
+                               **GPT_RUN)
+    return failure, None if failure else _differs(hist, single)
+
+
+def check_causal_attention(fn, seed=0, timeout=30.0):
     """fn(q, k, v) with q, k, v of shape (N, H, T, d_head) should return the heads' outputs
     softmax(q kᵀ/√d_head + M) v, (N, H, T, d_head), with M[t, s] = −∞ for s > t. Compared with
-    minidist's CausalSelfAttention on random inputs, then run inside a GPT's every block."""
-    from minidist.nn import gpt
-
+    minidist's CausalSelfAttention on random inputs, then run as the attention of every block
+    of a GPT trained on 2 data-parallel thread ranks, which must train as one process."""
     name = "check_causal_attention"
+    _check_timeout(timeout)
     rng = np.random.default_rng(seed)
     for N, T, d, H in ATTENTION_CASES:
         q, k, v, want = _attention_problem(rng, N, T, d, H)
-        got, failed = _call(name, fn, q.copy(), k.copy(), v.copy())
+        given = (q.copy(), k.copy(), v.copy())
+        got, failed = _call(name, fn, *given)
         if failed is not None:
             return failed
         where = f"with q, k, v of shape {q.shape} (N, H, T, d_head)"
+        changed = [n for n, a, b in zip("qkv", given, (q, k, v), strict=True)
+                   if not np.array_equal(a, b)]
+        if changed:
+            return Check(name, False, f"{where}, your function changed {', '.join(changed)} "
+                                      "in place: the layer's backward needs them as they were")
         if got.shape != want.shape:
             hint = {(N, H, T, T): " — the attention weights P: multiply them by v",
                     (N, T, H, d // H): " — keep the heads on axis 1, as q is"}
@@ -101,23 +153,16 @@ def check_causal_attention(fn, seed=0):
                     f"the output differs from CausalSelfAttention's by up to "
                     f"{np.max(np.abs(got - want)):.3g}")
         return Check(name, False, f"{where}, {hint}")
-    model = gpt(13, 8, d_model=16, n_heads=4, n_layers=2, seed=seed)
-    model.params = rng.normal(0.0, 0.5, model.num_params)  # attention far from uniform
-    tokens = rng.integers(0, 13, (2, 8))
-    want = model.forward(tokens)
-    for block in model.layers[1:-2]:
-        block.attn.forward = lambda X, layer=block.attn: _attention_with(layer, fn, X)
-    got, failed = _call(name, model.forward, tokens)
-    if failed is not None:
-        return failed
-    if not np.allclose(got, want, rtol=1e-9, atol=1e-12):
-        gap = float(np.max(np.abs(got - want)))
-        return Check(name, False, f"right on the random problems, but a GPT with your attention "
-                                  f"in its 2 blocks gives logits off by up to {gap:.3g}: does "
-                                  "your function keep state or change its inputs?")
+    failure, differs = _gpt_run(attention_core, fn, timeout)
+    if failure or differs:
+        return Check(name, False, f"right on the random problems, but in a GPT trained on 2 "
+                                  f"data-parallel thread ranks with your attention in its 2 "
+                                  f"blocks, {failure or differs}"
+                                  + (": does your function keep state between calls?"
+                                     if differs else ""))
     return Check(name, True, f"matches CausalSelfAttention on {len(ATTENTION_CASES)} random "
-                             "problems, and a 2-block GPT using it in every block gives the "
-                             "same logits")
+                             "problems, and a GPT with it in every block trains on 2 "
+                             "data-parallel ranks as one process does")
 
 
 # (shape of x, eps): a square batch (a sum over the wrong axis keeps the shape), 3-D, and one
@@ -188,11 +233,40 @@ def _layernorm_mistakes(dy, x, gamma, eps):
     }
 
 
-def check_layernorm_backward(fn, seed=0):
+@contextlib.contextmanager
+def layernorm_backward(fn):
+    """Inside: every LayerNorm keeps its input x, and its backward is fn(dy, x, γ, ε): dγ and
+    dβ go into the layer's gradients, dx back to the layer below (thread ranks share the
+    class). Restored after, even on error."""
+    from minidist.nn.gpt_layers import LayerNorm
+
+    saved = {name: LayerNorm.__dict__[name] for name in ("forward", "backward")}
+
+    def forward(self, X):
+        self.x_in = X
+        return saved["forward"](self, X)
+
+    def backward(self, dY):
+        dx, dgamma, dbeta = fn(dY, self.x_in, self.params["gamma"], self.eps)
+        self.grads["gamma"][...] = dgamma
+        self.grads["beta"][...] = dbeta
+        return np.asarray(dx, dtype=dY.dtype)
+
+    LayerNorm.forward, LayerNorm.backward = forward, backward
+    try:
+        yield
+    finally:
+        LayerNorm.forward, LayerNorm.backward = saved["forward"], saved["backward"]
+
+
+def check_layernorm_backward(fn, seed=0, timeout=30.0):
     """fn(dy, x, gamma, eps=1e-5) should return (dx, dgamma, dbeta), the gradients of a loss
     with ∂L/∂y = dy for y = γ ⊙ (x − μ)/√(σ² + eps) + β over the last axis. The reference is
-    central finite differences (minidist.gradcheck) of minidist's LayerNorm forward."""
+    central finite differences (minidist.gradcheck) of minidist's LayerNorm forward; then fn is
+    the backward of every LayerNorm of a GPT trained on 2 data-parallel thread ranks, which must
+    train as one process."""
     name = "check_layernorm_backward"
+    _check_timeout(timeout)
     rng = np.random.default_rng(seed)
     for shape, eps in LAYERNORM_CASES:
         dy, x, gamma, want = _layernorm_problem(rng, shape, eps)
@@ -218,5 +292,26 @@ def check_layernorm_backward(fn, seed=0):
                          relative_error(g, wrong) < 1e-6),
                         f"{label} differs from finite differences (relative error {error:.2g})")
             return Check(name, False, f"{where}, {hint}")
+    failure, differs = _gpt_run(layernorm_backward, fn, timeout)
+    if failure or differs:
+        return Check(name, False, f"dx, dgamma and dbeta agree with finite differences, but in "
+                                  f"a GPT trained on 2 data-parallel thread ranks with your "
+                                  f"backward in its 5 LayerNorms, {failure or differs}"
+                                  + (": compute in float64 (finite differences are only good "
+                                     "to about 1e-6), keep no state between calls, and change "
+                                     "none of your inputs" if differs else ""))
     return Check(name, True, f"dx, dgamma and dbeta agree with central finite differences on "
-                             f"{len(LAYERNORM_CASES)} shapes, up to 3-D")
+                             f"{len(LAYERNORM_CASES)} shapes, up to 3-D, and a GPT with them in "
+                             "every LayerNorm trains on 2 data-parallel ranks as one process does")
+
+
+__all__ = ["check_causal_attention", "check_layernorm_backward"]
+
+EXERCISES = (
+    Exercise(10, "my_causal_attention", check_causal_attention, "causal_attention",
+             "causal attention's core, run in every block of a GPT trained on 2 data-parallel "
+             "thread ranks"),
+    Exercise(10, "my_layernorm_backward", check_layernorm_backward, "layernorm_backward",
+             "LayerNorm's backward, run in every LayerNorm of a GPT trained on 2 data-parallel "
+             "thread ranks"),
+)

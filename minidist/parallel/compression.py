@@ -126,11 +126,17 @@ class CompressedAllReduce:
         self.compressor = compressor
         self.residual = np.zeros(compressor.n) if error_feedback else None
 
-    def __call__(self, comm, grad, clock):
+    def compress(self, grad, clock):
+        """The message encode(c) for c = g_k + e_k (c = g_k without error feedback); then
+        e_k ← c − decode(message)."""
         corrected = grad + self.residual if self.residual is not None else grad
         message = clock.timed("compute", self.compressor.encode, corrected, event="compress")
         if self.residual is not None:
             self.residual[...] = corrected - self.compressor.decode(message)
+        return message
+
+    def __call__(self, comm, grad, clock):
+        message = self.compress(grad, clock)
         gathered = clock.timed("comm", comm.all_gather, message, "ring", event="all_gather")
         grad[...] = 0.0
         for row in gathered:

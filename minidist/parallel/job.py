@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minidist import data, memory, optim
-from minidist.comm import ALGORITHMS
+from minidist.comm import ALGORITHMS, custom
 from minidist.trace import Trace
 
 
@@ -57,13 +57,27 @@ class Job:
 
 def check_algorithm(options, allowed=ALGORITHMS, scope=None, note=""):
     """A ValueError, naming the allowed ones, unless options["algorithm"] (default "auto") is
-    one of `allowed`, the all-reduce algorithms a strategy runs; scope: for what (the message
-    says "for {scope}"), note: a reason appended to the list."""
+    one of `allowed`, the all-reduce algorithms a strategy runs, or a function of yours that
+    comm.all_reduce runs (minidist.comm.custom); scope: for what (the message says "for
+    {scope}"), note: a reason appended to the list."""
     name = options.get("algorithm", "auto")
-    if name not in allowed:
+    if callable(name):
+        _check_custom(name, options)
+    elif name not in allowed:
         raise ValueError(f"unknown all-reduce algorithm {name!r}"
                          f"{f' for {scope}' if scope else ''}; allowed: {', '.join(allowed)}"
                          f"{note}")
+
+
+def _check_custom(fn, options):
+    """Your all-reduce sums the gradient; compression and local SGD send something else (an
+    all-gather of encoded messages, an average of parameters), so they cannot run it."""
+    for option, value, plain in (("compression", options.get("compression"), None),
+                                 ("local_steps", options.get("local_steps", 1), 1)):
+        if value != plain:
+            raise ValueError(f"algorithm={custom.name(fn)} (your all-reduce) sums the gradient, "
+                             f"but {option}={value!r} sends something else, which your "
+                             f"function cannot run; use {option}={plain!r} with it")
 
 
 EVENTS = {"all_reduce": "all_reduce", "send": "send", "recv": "recv", "step": "optimizer"}

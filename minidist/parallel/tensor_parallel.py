@@ -163,12 +163,18 @@ class RowParallelLinear(Layer):
         Z = K.matmul(X.reshape(-1, self.d_local), self.params["W"])
         return K.add_bias(self.g.forward(Z.reshape(*X.shape[:-1], self.d_out)), self.params["b"])
 
-    def backward(self, dY):
+    @staticmethod
+    def local_grads(X_k, W_k, dY):
+        """(∂W_k, ∂b, ∂X_k) = (X_kᵀ∂Y, Σ_n ∂Y, ∂Y W_kᵀ) for rows X_k (N, d_in/t), ∂Y (N, d_out)."""
         K = kernels.ops()
+        return K.matmul_tn(X_k, dY), K.sum_rows(dY), K.matmul_nt(dY, W_k)
+
+    def backward(self, dY):
         dY = self.g.backward(dY).reshape(-1, self.d_out)
-        self.grads["W"][...] = K.matmul_tn(self.X.reshape(-1, self.d_local), dY)
-        self.grads["b"][...] = K.sum_rows(dY)
-        return K.matmul_nt(dY, self.params["W"]).reshape(self.X.shape)
+        dW, db, dX = self.local_grads(self.X.reshape(-1, self.d_local), self.params["W"], dY)
+        self.grads["W"][...] = dW
+        self.grads["b"][...] = db
+        return dX.reshape(self.X.shape)
 
 
 def plan(layers, start=0, stop=None):

@@ -33,12 +33,20 @@ def check(consistency, staleness):
                          f"(got consistency={consistency!r})")
 
 
-def may_serve_pull(consistency, clock, version, min_clock, staleness):
-    """True when a pull from a worker at `clock` may be answered now (see the table above)."""
+def ssp_may_pull(clock, min_clock, staleness):
+    """SSP's rule: a worker at clock c may read while c − c_min ≤ s. ps.run sends its servers
+    whatever this module attribute is when the run starts, so that a learner's rule can drive
+    them (minidist.exercises.parameter_server.ssp_rule swaps it)."""
+    return clock - min_clock <= staleness
+
+
+def may_serve_pull(consistency, clock, version, min_clock, staleness, ssp=None):
+    """True when a pull from a worker at `clock` may be answered now (see the table above);
+    `ssp`: the SSP rule (clock, min_clock, staleness) -> bool, ssp_may_pull if None."""
     if consistency == "bsp":
         return version >= clock
     if consistency == "ssp":
-        return clock - min_clock <= staleness
+        return bool((ssp or ssp_may_pull)(clock, min_clock, staleness))
     return True
 
 

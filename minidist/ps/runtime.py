@@ -91,8 +91,9 @@ def _run(worker_fn, workers, params, optimizer, lr, optimizer_options, consisten
                                     f"written by all {num_servers} shards")
     config = cloudpickle.dumps({
         "optimizer": optimizer, "lr": lr, "optimizer_options": dict(optimizer_options or {}),
-        "consistency": consistency, "staleness": staleness, "checkpoint_dir": checkpoint_dir,
-        "checkpoint_every": checkpoint_every, "resume_version": resume_version})
+        "consistency": consistency, "staleness": staleness, "ssp_rule": rules.ssp_may_pull,
+        "checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every,
+        "resume_version": resume_version})
     ctx = mp.get_context(start_method)
     prefix = f"md{os.getpid()}_{uuid.uuid4().hex[:8]}"
     limits = shards.bounds(len(params), num_servers)

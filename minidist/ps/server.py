@@ -133,7 +133,7 @@ class ShardServer:
         for w, clock in list(self.waiting.items()):
             low = clock if c_min is None else c_min
             if may_serve_pull(self.config["consistency"], clock, self.version, low,
-                              self.config["staleness"]):
+                              self.config["staleness"], self.config.get("ssp_rule")):
                 self.readers.add(w)
                 self.pulled_version[w] = self.version
                 self.pulls.append((w, clock, low, self.version))

@@ -1,9 +1,8 @@
 """Reference solutions of the lessons' exercises, for instructors: the lessons leave them out,
-so that a learner writes their own first. Each is tested against its checker
-(tests/test_parallel_transformer_exercises.py,
-tests/test_long_context_exercises.py).
+so that a learner writes their own first. One module per lesson, named as the lesson's checker
+module; each exercise of `minidist.exercises.catalog` names its solution here, and
+`python -m minidist check LESSON` grades them. The tests check each against its checker,
+together with two typical wrong attempts (tests/test_*_exercises.py).
 
-    parallel_transformers (12): the head split of attention, the interleaved schedule's order
-    long_context (13): the online-softmax combine of ring attention, the dispatch of tokens to
-        their experts' ranks
+The checkers never import this package: a course may delete it from the learners' install.
 """
