@@ -10,6 +10,7 @@ import pytest
 from minidist import exercises
 from minidist.exercises import compression as compression_checkers
 from minidist.exercises import model_parallel as checkers
+from minidist.exercises._schedules import interleaved_schedule
 from minidist.exercises.solutions import compression as compression_solutions
 from minidist.exercises.solutions import model_parallel as solutions
 from minidist.parallel import pipeline
@@ -172,7 +173,7 @@ def test_1f1b_hook_drives_the_real_pipeline_and_is_restored():
     assert not check and "p = 2, m = 4: driving the real pipeline, the ranks hung (ended " \
         "after 2 s)" in check.message, check
     assert pipeline.schedule_ops is original
-    with checkers.interleaved_schedule(lambda *args: [("F", 0)], "1f1b"):
+    with interleaved_schedule(lambda *args: [("F", 0)], "1f1b"):
         assert pipeline.schedule_ops("1f1b", 0, 2, 2) == [("F", 0)]
         assert pipeline.schedule_ops("gpipe", 0, 2, 2) == original("gpipe", 0, 2, 2)
     assert pipeline.schedule_ops is original

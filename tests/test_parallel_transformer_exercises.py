@@ -6,6 +6,7 @@ import pytest
 
 from minidist import exercises
 from minidist.exercises import parallel_transformers as checkers
+from minidist.exercises._schedules import interleaved_schedule
 from minidist.exercises.solutions import parallel_transformers as solutions
 from minidist.parallel import pipeline
 from minidist.parallel.megatron import ParallelAttention
@@ -163,7 +164,7 @@ def test_interleaved_hook_drives_the_real_pipeline_and_is_restored():
     assert pipeline.schedule_ops is original
     # per stage: the checker's own call, simulate's, and the real run's, once per step
     assert [seen.count(s) for s in (0, 1)] == [2 + checkers.MLP_RUN["steps"]] * 2
-    with checkers.interleaved_schedule(lambda *args: [("F", 0, 0)]):
+    with interleaved_schedule(lambda *args: [("F", 0, 0)]):
         assert pipeline.schedule_ops("interleaved_1f1b", 0, 2, 2, 2) == [("F", 0, 0)]
         assert pipeline.schedule_ops("1f1b", 0, 2, 2) == original("1f1b", 0, 2, 2)
     assert pipeline.schedule_ops is original

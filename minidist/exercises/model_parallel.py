@@ -3,8 +3,8 @@ formula exercise) the fewest micro-batches for a given bubble.
 
 The first two checkers put the learner's piece INSIDE a real run on thread ranks — as the
 backward of every RowParallelLinear of a tensor-parallel MLP, or as the order every 1F1B
-pipeline stage follows (lesson 12's hook, `interleaved_schedule`) — and compare the training
-with strategy="single" (float64, 1e-10). Before the run they look at the piece on its own, so
+pipeline stage follows (`_schedules`, shared with lesson 12) — and compare the training with
+strategy="single" (float64, 1e-10). Before the run they look at the piece on its own, so
 that a failure names the rank, the array, the stage or the op that is wrong.
 """
 
@@ -25,10 +25,11 @@ from minidist.exercises._common import (
     _differs,
     _train,
 )
-from minidist.exercises.parallel_transformers import (
-    _order_problem,
+from minidist.exercises._schedules import (
+    _drives_pipeline,
+    _ideal_timeline,
     _peaks,
-    interleaved_schedule,
+    _stage_orders,
 )
 
 TP_SIZES = [6, 12, 6, 12, 3]  # two (column, ReLU, row) blocks; 12 splits over t = 1, 2, 3, 4
@@ -168,25 +169,12 @@ def check_1f1b_ops(fn, cases=((2, 4), (4, 8), (3, 2), (4, 2), (4, 4)), timeout=6
     model_fn = functools.partial(nn.mlp, PIPE_SIZES, seed=1)
     single = train(model_fn, X, y, **RUN)
     for p, m in cases:
-        ops = []
-        for s in range(p):
-            got, failed = _call(name, fn, s, p, m, convert=lambda ops: ops)
-            if failed is not None:
-                return Check(name, False, f"stage {s} of p = {p} (m = {m}): {failed.message}")
-            problem = _order_problem(got, s, p, m)
-            if problem:
-                return Check(name, False, problem)
-            ops.append([(op[0], int(op[1])) for op in got])
+        ops, failed = _stage_orders(name, fn, p, m)
         where = f"p = {p}, m = {m}"
-        with interleaved_schedule(fn, "1f1b"):
-            try:
-                events = pipeline.simulate("1f1b", p, m)
-            except Exception as exc:  # noqa: BLE001 - learner code: report, never raise
-                if isinstance(exc, RuntimeError) and " deadlocks with " in str(exc):
-                    waits = _in_stages(str(exc).split(" stages: ", 1)[1])  # who waits for what
-                    return Check(name, False, f"{where}: your order deadlocks: {waits}")
-                return Check(name, False, f"{where}: on the ideal timeline your function "
-                                          f"raised {type(exc).__name__}: {exc}")
+        events, failed = (None, failed) if failed is not None else _ideal_timeline(
+            name, fn, where, "1f1b", p, m, words=_in_stages)
+        if failed is not None:  # a failed Check is falsy
+            return failed
         for s, held in enumerate(_peaks(ops)):
             if held > p - s:
                 return Check(name, False, f"{where}: stage {s} holds up to {held} "
@@ -200,12 +188,10 @@ def check_1f1b_ops(fn, cases=((2, 4), (4, 8), (3, 2), (4, 2), (4, 4)), timeout=6
                                       f"{formula:.4f}: some stage waits where it could work "
                                       "(how many forwards can it start before its first "
                                       "backward?)")
-        with interleaved_schedule(fn, "1f1b"):
-            hist, failure = _train(model_fn, X, y, timeout, strategy="pipeline", workers=p,
-                                   schedule="1f1b", micro_batches=m, **RUN)
-        failure = failure or _differs(hist, single)
-        if failure:
-            return Check(name, False, f"{where}: driving the real pipeline, {failure}")
+        failed = _drives_pipeline(name, fn, where, "1f1b", single, model_fn, X, y, timeout,
+                                  workers=p, micro_batches=m, **RUN)
+        if failed is not None:  # a failed Check is falsy
+            return failed
     return Check(name, True, f"every F and B once, no deadlock, at most p − s activations, the "
                              f"ideal bubble (p−1)/(m+p−1), and real pipelines that train as "
                              f"one process, for (p, m) = {', '.join(map(str, cases))}")

@@ -15,6 +15,12 @@ from collections import Counter
 import numpy as np
 
 from minidist.exercises._common import Check, Exercise, _call, _check_timeout, _differs, _train
+from minidist.exercises._schedules import (
+    _drives_pipeline,
+    _ideal_timeline,
+    _peaks,
+    _stage_orders,
+)
 
 V, T, D, HEADS = 11, 8, 16, 4  # the GPT of exercise 1: d_h = 4, two blocks, d_ff 4d
 GPT_RUN = {"steps": 3, "batch_size": 8, "lr": 0.1}
@@ -172,76 +178,6 @@ def check_attention_take(fn, world_sizes=(2, 4), timeout=60.0):
 
 # ----- exercise 2: the interleaved schedule's order of ops ----------------------------------
 
-@contextlib.contextmanager
-def interleaved_schedule(fn, schedule="interleaved_1f1b"):
-    """Inside: `schedule` follows fn's order on every stage — the real pipeline on thread ranks
-    and pipeline.simulate alike: fn(stage, stages, micro_batches, chunks) -> ("F"/"B", j, c)
-    for "interleaved_1f1b", fn(stage, stages, micro_batches) -> ("F"/"B", j) for "1f1b" or
-    "gpipe" (lesson 7); the other schedules are untouched; restored after."""
-    from minidist.parallel import pipeline
-
-    original = pipeline.schedule_ops
-
-    def schedule_ops(name, stage, stages, micro_batches, chunks=1):
-        if name != schedule:
-            return original(name, stage, stages, micro_batches, chunks)
-        if name != "interleaved_1f1b":
-            return [(op[0], int(op[1])) for op in fn(stage, stages, micro_batches)]
-        return [(op[0], int(op[1]), int(op[2])) for op in fn(stage, stages, micro_batches,
-                                                               chunks)]
-
-    pipeline.schedule_ops = schedule_ops
-    try:
-        yield
-    finally:
-        pipeline.schedule_ops = original
-
-
-def _order_problem(ops, s, p, m, v=None):
-    """The first thing wrong in stage s's list: its ops' form, an F or B missing or run twice,
-    a B before its F (None: none of these). v: the chunks of an interleaved stage, whose ops
-    are ("F"|"B", j, c); None for plain 1F1B's ("F"|"B", j) (lesson 7)."""
-    from minidist.data import is_integer
-
-    where = f"stage {s} of p = {p} (m = {m}{f', v = {v}' if v else ''})"
-    if not isinstance(ops, (list, tuple)):
-        return f"{where}: return a list of ops, got {type(ops).__name__}"
-    width, chunks = (2, 1) if v is None else (3, v)
-    form = "('F' or 'B', micro-batch j" + (")" if v is None else ", chunk c)")
-    for i, op in enumerate(ops):
-        if not (isinstance(op, (tuple, list)) and len(op) == width and op[0] in ("F", "B")
-                and all(is_integer(k) for k in op[1:])):
-            return f"{where}: op {i} is {op!r}; an op is {form}"
-        if not (0 <= op[1] < m and (v is None or 0 <= op[2] < v)):
-            hint = (f"; with m = {m} < p − s − 1 = {p - s - 1} the warm-up is only m forwards"
-                    if v is None and m < p - s - 1 else "")
-            return (f"{where}: op {i}, {op!r}, is out of range: micro-batches 0…{m - 1}"
-                    f"{'' if v is None else f', local chunks 0…{v - 1}'}{hint}")
-    key = [tuple([op[0], *map(int, op[1:])]) for op in ops]
-    count = Counter(key)
-    for op in [(kind, j, *([] if v is None else [c])) for kind in "FB" for j in range(m)
-               for c in range(chunks)]:
-        if count[op] != 1:
-            return (f"{where}: {op} {'is missing' if not count[op] else 'runs twice or more'};"
-                    f" every micro-batch goes forward and backward once"
-                    f"{'' if v is None else ' through each chunk'}")
-    at = {op: i for i, op in enumerate(key)}
-    for op, i in sorted(at.items(), key=lambda item: item[1]):
-        forward = ("F", *op[1:])
-        if op[0] == "B" and at[forward] > i:
-            why = ("a micro-batch can only go back through a stage it went forward through"
-                   if v is None else "with v chunks the warm-up needs 2(p−s−1) + (v−1)·p "
-                   "forwards (plain 1F1B's p−s−1 are too few)")
-            return (f"{where}: {op} at position {i} comes before its forward {forward} at "
-                    f"position {at[forward]}: {why}")
-    return None
-
-
-def _peaks(ops):
-    """The most (micro-batch, chunk) activations each stage holds at once."""
-    return [int(np.max(np.cumsum([1 if op[0] == "F" else -1 for op in stage]))) for stage in ops]
-
-
 def check_interleaved_ops(fn, cases=((2, 4, 2), (2, 2, 2), (4, 8, 2), (3, 6, 3)), timeout=60.0):
     """fn(stage, stages, micro_batches, chunks) -> the interleaved 1F1B order of stage s of p
     with m micro-batches and v chunks per stage: ("F", j, c) and ("B", j, c), c the LOCAL
@@ -265,23 +201,12 @@ def check_interleaved_ops(fn, cases=((2, 4, 2), (2, 2, 2), (4, 8, 2), (3, 6, 3))
     model_fn = functools.partial(nn.mlp, MLP_SIZES, seed=1)
     single = train(model_fn, X, y, **MLP_RUN)
     for p, m, v in cases:
-        ops = []
-        for s in range(p):
-            got, failed = _call(name, fn, s, p, m, v, convert=lambda ops: ops)
-            if failed is not None:
-                return Check(name, False, f"stage {s} of p = {p} (m = {m}, v = {v}): "
-                                          f"{failed.message}")
-            problem = _order_problem(got, s, p, m, v)
-            if problem:
-                return Check(name, False, problem)
-            ops.append([(op[0], int(op[1]), int(op[2])) for op in got])
+        ops, failed = _stage_orders(name, fn, p, m, v)
         where = f"p = {p}, m = {m}, v = {v}"
-        with interleaved_schedule(fn):
-            try:
-                events = pipeline.simulate("interleaved_1f1b", p, m, chunks=v)
-            except RuntimeError as exc:  # the ideal timeline says who waits for what
-                return Check(name, False, f"{where}: your order deadlocks: "
-                                          f"{str(exc).split(' stages: ', 1)[1]}")
+        events, failed = (None, failed) if failed is not None else _ideal_timeline(
+            name, fn, where, "interleaved_1f1b", p, m, v)
+        if failed is not None:  # a failed Check is falsy
+            return failed
         bubble = float(bubble_fraction(events)[0])
         formula = pipeline.bubble_formula(p, m, v)
         if bubble > formula + 1e-9:
@@ -296,13 +221,10 @@ def check_interleaved_ops(fn, cases=((2, 4, 2), (2, 2, 2), (4, 8, 2), (3, 6, 3))
                                           f"(micro-batch, chunk) activations at once, "
                                           f"Megatron's order {most}: after the warm-up, "
                                           "alternate one forward and one backward")
-        with interleaved_schedule(fn):
-            hist, failure = _train(model_fn, X, y, timeout, strategy="pipeline", workers=p,
-                                   schedule="interleaved_1f1b", chunks=v, micro_batches=m,
-                                   **MLP_RUN)
-        failure = failure or _differs(hist, single)
-        if failure:
-            return Check(name, False, f"{where}: driving the real pipeline, {failure}")
+        failed = _drives_pipeline(name, fn, where, "interleaved_1f1b", single, model_fn, X, y,
+                                  timeout, workers=p, chunks=v, micro_batches=m, **MLP_RUN)
+        if failed is not None:  # a failed Check is falsy
+            return failed
     return Check(name, True, f"every F and B once, no deadlock, the ideal bubble "
                              f"(p−1)/(v·m+p−1), and real pipelines that train as one process, "
                              f"for (p, m, v) = {', '.join(map(str, cases))}")
