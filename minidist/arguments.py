@@ -61,6 +61,7 @@ def check_arguments(strategies, job_checks, model_fn, X, y, strategy, workers, b
     if check:
         check(strategy_options)
     model = model_fn()
+    _check_device(model, strategy)
     precision = _check_precision(precision, loss_scale, model, strategy, strategy_options)
     X, y = data.check_training_data(X, y)
     check_tokens = getattr(next(iter(getattr(model, "layers", [])), None), "check_tokens", None)
@@ -114,6 +115,19 @@ def planned_state(model, strategy, workers, optimizer, precision, options):
         return memory.zero_state_bytes([psi], 0, workers, itemsize, optimizer)
     sizes = [unit.size for unit in units(model, options["bucket_bytes"])]
     return memory.zero_state_bytes(sizes, options["stage"], workers, itemsize, optimizer)
+
+
+# the strategies that train a device="cuda" model on its GPU (communication staged through host
+# buffers, minidist.comm.staging); the others' layers and messages are numpy arrays
+DEVICE_STRATEGIES = ("single", "data_parallel", "parameter_server")
+
+
+def _check_device(model, strategy):
+    if getattr(model, "device", "numpy") == "cuda" and strategy not in DEVICE_STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} runs on the host: its split layers and "
+                         f"messages are numpy arrays, so a device='cuda' model cannot run it; "
+                         f"on the GPU use strategy {', '.join(map(repr, DEVICE_STRATEGIES))}, "
+                         f"or build the model with device='numpy' for {strategy!r}")
 
 
 def _check_precision(precision, loss_scale, model, strategy, options):

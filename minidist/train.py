@@ -43,7 +43,8 @@ STRATEGIES = {
                         expert_parallel.check_options),
 }
 # strategy -> check(model_fn, workers, batch_size, options, data_shape): shapes that cannot be split
-JOB_CHECKS = {"tensor_parallel": hybrid.check_tensor_parallel,
+JOB_CHECKS = {"data_parallel": data_parallel.check_job,
+              "tensor_parallel": hybrid.check_tensor_parallel,
               "pipeline": hybrid.check_pipeline, "hybrid": hybrid.check_job,
               "zero": zero.check_model, "context_parallel": context_parallel.check_job,
               "expert_parallel": expert_parallel.check_job}

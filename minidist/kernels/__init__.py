@@ -18,6 +18,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from minidist.kernels import numpy_ops
 
 _DEVICES = {"numpy": numpy_ops}
 _current = "numpy"
+_rank = threading.local()  # this thread's rank in a run, and whether its GPU was picked
 
 SIMULATOR_HINT = (
     "To run the CUDA kernels without a GPU, turn on Numba's CUDA simulator before numba is first "
@@ -80,7 +82,24 @@ def resolve(device):
         raise ValueError(f"unknown device {device!r}; allowed: {', '.join(available())} or 'auto'")
     if device == "cuda":
         _cuda_ops()
+        _pick_rank_device()
     return device
+
+
+def bind_rank(rank):
+    """This thread is rank `rank` of a run: its cuda models go on GPU rank mod (GPUs here).
+
+    Called by a strategy's worker before it builds the model (Job.model), so rank k of a
+    thread, process or MPI run uses GPU k mod count, and ranks share GPUs round-robin when
+    there are fewer GPUs than ranks (the simulator has one)."""
+    if getattr(_rank, "value", None) != int(rank):
+        _rank.value, _rank.picked = int(rank), False
+
+
+def _pick_rank_device():
+    if getattr(_rank, "value", None) is not None and not _rank.picked:
+        _rank.picked = True
+        _DEVICES["cuda"].select_rank_device(_rank.value)
 
 
 def ops(device=None):

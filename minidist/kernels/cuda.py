@@ -14,6 +14,7 @@ was imported; the simulator runs a Python thread per CUDA thread, so it gets sma
 """
 
 import math
+import threading
 
 import numpy as np
 from numba import config, cuda
@@ -29,6 +30,44 @@ def mode():
     if config.ENABLE_CUDASIM:
         return "simulator"
     return "gpu" if cuda.is_available() else None
+
+
+def _serialise_simulated_launches():
+    """The simulator keeps the kernel it is running in a module global, so two host threads
+    (ranks of the thread backend) launching at once mix them up. Launches from host threads
+    take turns here; the simulated CUDA threads' own device-function calls pass straight on."""
+    from numba.cuda.simulator import kernel as simulated
+
+    launch, turns = simulated.FakeCUDAKernel.__call__, threading.Lock()
+    if getattr(launch, "takes_turns", False):
+        return
+
+    def call(self, *args):
+        if isinstance(threading.current_thread(), simulated.BlockThread):
+            return launch(self, *args)
+        with turns:
+            return launch(self, *args)
+
+    call.takes_turns = True
+    simulated.FakeCUDAKernel.__call__ = call
+
+
+if config.ENABLE_CUDASIM:
+    _serialise_simulated_launches()
+
+
+def device_for_rank(rank, count):
+    """The GPU rank k uses: k mod count."""
+    if count < 1:
+        raise RuntimeError("no CUDA device to place the rank on")
+    return rank % count
+
+
+def select_rank_device(rank):
+    """Make GPU (rank mod count) this thread's device; returns its number."""
+    number = device_for_rank(rank, len(cuda.gpus))
+    cuda.select_device(number)
+    return number
 
 
 def _simulated():
@@ -279,6 +318,18 @@ def axpy(alpha, x, y):
     if x.shape != y.shape:
         raise ValueError(f"axpy: x is {x.shape}, y is {y.shape}")
     _in_place(ew.axpy, [y, x], (float(alpha),), written=[0])
+
+
+def scale_into(alpha, x, out):
+    """out ← α x, one thread per element (out and x the same shape)."""
+    if x.shape != out.shape:
+        raise ValueError(f"scale_into: x is {x.shape}, out is {out.shape}")
+    device_x, device_out = to_device(x), to_device(out)
+    if device_out.size:
+        ew.scale[blocks_for(out.size), threads_per_block()](float(alpha), _flat(device_x),
+                                                            _flat(device_out))
+    if device_out is not out:
+        out[...] = to_host(device_out)
 
 
 def _check_flat(params, **others):

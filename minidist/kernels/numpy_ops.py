@@ -103,6 +103,11 @@ def axpy(alpha, x, y):
     y += alpha * x
 
 
+def scale_into(alpha, x, out):
+    """out ← α x, in place."""
+    np.multiply(x, alpha, out=out)
+
+
 def sgd_update(params, grads, velocity, lr, momentum, weight_decay):
     """One SGD step, in place (PyTorch's convention, so runs can be compared with it):
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minidist import data, memory, optim
+from minidist import data, kernels, memory, optim
 from minidist.comm import ALGORITHMS, custom
 from minidist.trace import Trace
 
@@ -50,6 +50,11 @@ class Job:
             batches = tqdm(batches, total=self.steps, desc=self.progress, leave=False,
                            disable=None)
         return batches
+
+    def model(self, rank):
+        """model_fn(), built as rank `rank`: a cuda model goes on GPU rank mod count."""
+        kernels.bind_rank(rank)
+        return self.model_fn()
 
     def make_optimizer(self, params):
         return optim.make(self.optimizer, params, self.lr, **self.optimizer_options)
@@ -171,7 +176,7 @@ def report(comm, params, weighted_losses, clock):
     stats = comm.stats.as_dict()
     bytes_sent = comm.stats.bytes_sent
     losses = comm.all_reduce(np.array(weighted_losses, dtype=np.float64), algorithm="ring")
-    return {"params": params.copy(), "loss": losses, "step_time": clock.step,
+    return {"params": kernels.to_host(params), "loss": losses, "step_time": clock.step,
             "compute_time": clock.compute, "comm_time": clock.comm,
             "exposed_comm_time": clock.exposed,
             "bytes_sent": bytes_sent, "stats": stats, "events": clock.trace.with_idle(),

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from minidist import memory, ps
+from minidist import kernels, memory, ps
 from minidist.data import check_integer
 from minidist.ps import checkpoint
 from minidist.ps import consistency as rules
@@ -66,9 +66,16 @@ def resume_step(job, workers, options):
 def worker(client, job):
     """One worker's training loop; returns ((step, |B_k|/|B|·L_k, |B_k|/|B|) per step it ran,
     its timeline: pull as recv, forward, backward, push as send, and the idle gaps, its
-    memory, the servers' memory)."""
-    model = job.model_fn()
-    grad = np.empty_like(model.grads)  # |B_k|/|B|·∇L_k, what I push
+    memory, the servers' memory, its host↔device copies).
+
+    A model on the GPU pulls θ into a host buffer and copies it up, and computes its weighted
+    gradient on the device and copies it down to push: one copy each way per step."""
+    model = job.model(client.rank)
+    on_device = kernels.is_device_array(model.params)
+    grad = np.empty(model.grads.shape, model.grads.dtype)  # |B_k|/|B|·∇L_k, what I push
+    pulled = np.empty_like(grad) if on_device else model.params
+    weighted = kernels.zeros_like(model.grads) if on_device else grad
+    copies = {"to_host": 0, "to_device": 0, "bytes": 0}
     rows_done, trace, ledger = [], Trace(), memory.Ledger(job.max_memory_per_rank, client.rank)
     ledger.hold(params=memory.array_bytes(model.params),
                 grads=memory.array_bytes(model.grads, grad))
@@ -76,15 +83,26 @@ def worker(client, job):
         if t < client.clock:  # a resumed run: these steps are in the checkpoint
             continue
         trace.step = t
-        trace.timed("recv", functools.partial(client.pull, out=model.params))
+        trace.timed("recv", functools.partial(client.pull, out=pulled))
+        if on_device:
+            _copy(model.params.copy_to_device, pulled, "to_device", copies)
         loss = trace.timed("forward", model.loss, job.X[rows], job.y[rows])
         memory.track([*model.layers, model.criterion], ledger)
         trace.timed("backward", model.backward)
-        np.multiply(model.grads, weight, out=grad)
+        kernels.ops_for(weighted).scale_into(weight, model.grads, weighted)
+        if on_device:
+            _copy(weighted.copy_to_host, grad, "to_host", copies)
         trace.timed("send", client.push, grad, weight)
         rows_done.append((t, loss * weight, weight))
     return (np.array(rows_done, dtype=np.float64).reshape(-1, 3), trace.with_idle(),
-            ledger.as_dict(), client.server_memory)
+            ledger.as_dict(), client.server_memory, copies)
+
+
+def _copy(copy, host, direction, copies):
+    """copy(host): one host↔device copy, counted."""
+    copy(host)
+    copies[direction] += 1
+    copies["bytes"] += host.nbytes
 
 
 def train_parameter_server(job, workers, backend, timeout):
@@ -96,7 +114,7 @@ def train_parameter_server(job, workers, backend, timeout):
                          f"backend must be 'process', got {backend!r}")
     options = {**OPTIONS, **job.options}
     start = resume_step(job, workers, options)
-    params = job.model_fn().params.copy()
+    params = kernels.to_host(job.model_fn().params)
     result = ps.run(worker, workers, params, optimizer=job.optimizer, lr=job.lr,
                     optimizer_options=job.optimizer_options, timeout=timeout, args=(job,),
                     **options)
@@ -127,7 +145,8 @@ def train_parameter_server(job, workers, backend, timeout):
         "bytes_pulled": [s and s["pull"]["bytes_received"] for s in stats],
         "applied": result.applied, "updates": result.updates, "pulls": result.pulls,
         "log": result.log, "worker_loss": worker_loss, "start_step": start,
-        "server_memory": next((r[3] for r in result.results if r), [])}
+        "server_memory": next((r[3] for r in result.results if r), []),
+        "host_copies": [r[4] if r else {} for r in result.results]}
     return History(strategy="parameter_server", workers=workers, model_fn=job.model_fn,
                    params=result.params, loss=loss, step_time=step_time,
                    compute_time=compute_time, comm_time=comm_time,
